@@ -1,0 +1,93 @@
+"""Every Orbax call of the project lives here.
+
+Two on-disk layouts:
+
+* Params export (what `locatvit_jax.load` and other JAX code read)::
+
+    DIR/params/              Orbax StandardCheckpointer tree: a plain nested dict of arrays
+    DIR/model_config.json    ViTConfig fields
+
+  Any JAX program reads the params with Orbax alone:
+  `ocp.StandardCheckpointer().restore(os.path.abspath('DIR/params'))`.
+
+* Training checkpoints (written by the trainers through `TrainCheckpointer`)::
+
+    WORKDIR/checkpoints/<step>/state         {'params', 'opt_state', 'step', ...}, sharded arrays
+    WORKDIR/checkpoints/<step>/data_iter     the Grain iterator position of this process
+    WORKDIR/checkpoints/<step>/model_config  ViTConfig fields (JSON)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+PARAMS_DIR = 'params'
+CONFIG_FILE = 'model_config.json'
+CHECKPOINTS_DIR = 'checkpoints'
+
+
+def _abs(path) -> epath.Path:
+  path = os.fspath(path)
+  return epath.Path(path if '://' in path else os.path.abspath(path))
+
+
+# -- params export ---------------------------------------------------------------------------------
+def is_params_export(path) -> bool:
+  p = _abs(path)
+  return (p / PARAMS_DIR).is_dir() and (p / CONFIG_FILE).exists()
+
+
+def save_params(path, params: dict, model_cfg) -> None:
+  """Writes the params export (blocking; only process 0 writes metadata, all write their shards)."""
+  p = _abs(path)
+  p.mkdir(parents=True, exist_ok=True)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(p / PARAMS_DIR, params, force=True)
+  ckptr.wait_until_finished()
+  if jax.process_index() == 0:
+    (p / CONFIG_FILE).write_text(model_cfg.to_json())
+
+
+def restore_params(path) -> tuple[dict, dict]:
+  """(params as numpy nested dict, model config dict) from a params export or training checkpoints."""
+  p = _abs(path)
+  if is_params_export(p):
+    meta = ocp.StandardCheckpointer().metadata(p / PARAMS_DIR).item_metadata
+    params = ocp.StandardCheckpointer().restore(p / PARAMS_DIR, _numpy_targets(meta))
+    return params, json.loads((p / CONFIG_FILE).read_text())
+  step_dir = find_training_step(p)
+  if step_dir is None:
+    raise ValueError(f'{path}: neither a params export ({PARAMS_DIR}/ + {CONFIG_FILE}) nor training checkpoints')
+  ckptr = ocp.PyTreeCheckpointer()
+  meta = ckptr.metadata(step_dir / 'state').item_metadata
+  state = ckptr.restore(step_dir / 'state', args=ocp.args.PyTreeRestore(
+      item={'params': _numpy_targets(meta['params'])},
+      restore_args={'params': jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), _numpy_targets(meta['params']))},
+      partial_restore=True))
+  cfg = json.loads((step_dir / 'model_config' / 'metadata').read_text())
+  return state['params'], cfg
+
+
+def _numpy_targets(meta_tree) -> Any:
+  """Restore targets that make Orbax return host numpy arrays (no devices, no sharding needed)."""
+  return jax.tree.map(lambda m: np.empty(m.shape, m.dtype), meta_tree, is_leaf=lambda m: hasattr(m, 'shape'))
+
+
+def find_training_step(path) -> epath.Path | None:
+  """The newest complete step directory under a workdir, its checkpoints/ or a step dir itself."""
+  p = _abs(path)
+  if (p / 'state').is_dir() and (p / 'model_config').is_dir():
+    return p
+  for root in (p / CHECKPOINTS_DIR, p):
+    if root.is_dir():
+      steps = ocp.utils.checkpoint_steps(root)
+      if steps:
+        return root / str(max(steps))
+  return None

@@ -1,0 +1,200 @@
+"""`load(path)`: a ready model from any checkpoint we or the authors write; params in and out.
+
+Accepted paths:
+* our params export: a directory with `params/` (Orbax) and `model_config.json`;
+* our training checkpoints: a workdir, its `checkpoints/` directory, or one step directory of it;
+* the authors' timm-layout state dict as `.safetensors`, or `.pth`/`.pt`/`.bin` (needs torch);
+* a Hugging Face-style directory: `config.json` + `model.safetensors` (or `pytorch_model.bin`).
+
+Architecture comes from our `model_config.json`, or is inferred from the tensors (width, depth,
+patch, registers, classes, image size, GAug) and `config.json` (heads, PRR, pooling).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from locatvit_jax import checkpoint, convert
+from locatvit_jax.models.vit import SIZES, ViT, ViTConfig
+
+_TORCH_SUFFIXES = ('.pth', '.pt', '.bin')
+
+
+# -- params as plain dicts ---------------------------------------------------------------------
+def flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    path = f'{prefix}/{k}' if prefix else str(k)
+    if isinstance(v, dict):
+      out.update(flatten(v, path))
+    else:
+      out[path] = v
+  return out
+
+
+def unflatten(flat: dict[str, Any]) -> dict:
+  tree: dict = {}
+  for path, v in flat.items():
+    *parents, leaf = path.split('/')
+    node = tree
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = v
+  return tree
+
+
+def get_params(model: ViT) -> dict:
+  """The model's parameters as a plain nested dict of arrays with string keys (the export layout)."""
+  pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  return unflatten(flatten(pure))
+
+
+def build_model(cfg: ViTConfig, params: dict | None = None, *, seed: int = 0) -> ViT:
+  """A model of `cfg`, with `params` (nested or '/'-flat dict) checked and put in place of the init.
+
+  Every missing, unexpected or wrongly shaped tensor is reported in one ValueError.
+  """
+  if params is None:
+    return ViT(cfg, rngs=nnx.Rngs(seed))
+  abstract = nnx.eval_shape(lambda: ViT(cfg, rngs=nnx.Rngs(seed)))
+  graphdef, abs_params, abs_rest = nnx.split(abstract, nnx.Param, ...)
+  expected = flatten(nnx.to_pure_dict(abs_params))
+  given = flatten(params) if any(isinstance(v, dict) for v in params.values()) else dict(params)
+  problems = [f'missing {k} {tuple(v.shape)}' for k, v in expected.items() if k not in given]
+  problems += [f'unexpected {k} {tuple(np.shape(v))}' for k, v in given.items() if k not in expected]
+  problems += [f'wrong shape {k}: got {tuple(np.shape(given[k]))}, expected {tuple(v.shape)}'
+               for k, v in expected.items() if k in given and tuple(np.shape(given[k])) != tuple(v.shape)]
+  if problems:
+    raise ValueError(f'checkpoint does not fit {_describe(cfg)}: ' + '; '.join(problems))
+  # Non-parameter state (dropout RNG keys) is made under jit, where the unused param init is dropped.
+  rest = jax.jit(lambda: nnx.split(ViT(cfg, rngs=nnx.Rngs(seed)), nnx.Param, ...)[2])()
+  pure = nnx.to_pure_dict(abs_params)
+  filled = _fill(pure, given, '')
+  nnx.replace_by_pure_dict(abs_params, filled)
+  return nnx.merge(graphdef, abs_params, rest)
+
+
+def _fill(pure, given, prefix):
+  return {k: (_fill(v, given, f'{prefix}/{k}' if prefix else str(k)) if isinstance(v, dict)
+              else jax.numpy.asarray(given[f'{prefix}/{k}' if prefix else str(k)], dtype=v.dtype))
+          for k, v in pure.items()}
+
+
+def _describe(cfg: ViTConfig) -> str:
+  return (f'width={cfg.width} depth={cfg.depth} heads={cfg.num_heads} patch={cfg.patch_size} '
+          f'classes={cfg.num_classes} gaug={cfg.gaug} pool={cfg.pool} reg_tokens={cfg.reg_tokens}')
+
+
+# -- reading the authors' files ------------------------------------------------------------------
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+  """A timm state dict from .safetensors (no torch needed) or .pth/.pt/.bin (needs torch)."""
+  if path.endswith('.safetensors'):
+    from safetensors.numpy import load_file
+    return load_file(path)
+  if path.endswith(_TORCH_SUFFIXES):
+    try:
+      import torch
+    except ImportError as e:
+      raise ImportError(
+          f'reading {path} needs PyTorch, which is not installed: `pip install torch`, or convert it '
+          'to .safetensors where torch is available (safetensors.torch.save_file(sd, "model.safetensors"))'
+      ) from e
+    sd = torch.load(path, map_location='cpu', weights_only=True)
+    for key in ('model', 'state_dict', 'model_ema'):  # training checkpoints wrap the state dict
+      if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+        sd = sd[key]
+        break
+    return {k.removeprefix('module.'): v.float().numpy() if v.is_floating_point() else v.numpy()
+            for k, v in sd.items()}
+  raise ValueError(f'{path}: unknown checkpoint file type; expected .safetensors, .pth, .pt or .bin')
+
+
+def infer_config(state: dict[str, np.ndarray], hf: dict | None = None, **overrides) -> ViTConfig:
+  """Architecture from timm tensor shapes, refined by a config.json (`hf`) and explicit overrides."""
+  hf = hf or {}
+  if 'patch_embed.proj.weight' not in state:
+    raise ValueError('not a ViT state dict: no patch_embed.proj.weight among '
+                     f'{sorted(state)[:8]}{"..." if len(state) > 8 else ""}')
+  width, _, patch, _ = state['patch_embed.proj.weight'].shape
+  depth = len({int(m.group(1)) for k in state if (m := re.match(r'blocks\.(\d+)\.', k))})
+  gaug = 'blocks.0.attn.gaug.log_var.weight' in state
+  if gaug:
+    heads = width // state['blocks.0.attn.gaug.log_var.weight'].shape[1]
+  else:
+    heads = hf.get('num_heads') or next((s[2] for s in SIZES.values() if s[0] == width), width // 64)
+  pool = 'gap' if 'fc_norm.weight' in state or hf.get('global_pool') == 'avg' else 'token'
+  reg = state['reg_token'].shape[1] if 'reg_token' in state else int(hf.get('reg_tokens', 0))
+  prefix = (pool == 'token') + reg
+  img = hf.get('img_size')
+  if 'pos_embed' in state and img is None:
+    side = int(round((state['pos_embed'].shape[1] - prefix) ** 0.5))
+    img = side * patch
+  arch = str(hf.get('architecture', ''))
+  cfg = dict(width=width, depth=depth, num_heads=heads, mlp_dim=state['blocks.0.mlp.fc1.weight'].shape[0],
+             patch_size=patch, img_size=img or 224, num_classes=state['head.weight'].shape[0] if 'head.weight' in state else 0,
+             gaug=gaug, prr=hf.get('prr', arch.startswith('locat') or gaug), pool=pool,
+             pos_embed='learn' if 'pos_embed' in state else 'none', reg_tokens=reg, drop_path=0.0)
+  cfg.update(overrides)
+  return ViTConfig.from_dict(cfg)
+
+
+def _timm_model(state, hf, overrides) -> ViT:
+  cfg = infer_config(state, hf, **overrides)
+  flat, unmatched = convert.timm_to_ours(state, gap=cfg.pool == 'gap')
+  if unmatched:
+    raise ValueError(f'checkpoint has tensors we do not know: {sorted(unmatched)}')
+  return build_model(cfg, flat)
+
+
+# -- the public entry ------------------------------------------------------------------------------
+def load_with_config(path: str, **overrides) -> ViT:
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path}: no such file or directory')
+  if os.path.isfile(path):
+    return _timm_model(read_state_dict(path), None, overrides)
+  if checkpoint.is_params_export(path) or checkpoint.find_training_step(path):
+    params, cfg_dict = checkpoint.restore_params(path)
+    cfg_dict.update(overrides)
+    return build_model(ViTConfig.from_dict(cfg_dict), params)
+  hf_path = os.path.join(path, 'config.json')
+  for weights in ('model.safetensors', 'pytorch_model.bin'):
+    if os.path.isfile(os.path.join(path, weights)):
+      hf = json.load(open(hf_path)) if os.path.isfile(hf_path) else {}
+      return _timm_model(read_state_dict(os.path.join(path, weights)), hf, overrides)
+  raise ValueError(f'{path}: found neither params/ + model_config.json, training checkpoints, '
+                   'nor config.json + model.safetensors')
+
+
+def load(path: str, **overrides) -> ViT:
+  """A model in evaluation mode from any supported checkpoint (module docstring).
+
+  `overrides` set ViTConfig fields the files cannot tell (e.g. `prr=False`, `dtype='bfloat16'`).
+  """
+  model = load_with_config(path, **overrides)
+  model.eval()
+  return model
+
+
+def convert_to_orbax(src: str, dst: str) -> None:
+  model = load(src)
+  checkpoint.save_params(dst, get_params(model), model.cfg)
+
+
+def export_timm(src: str, dst: str) -> None:
+  """Writes a timm-layout .safetensors that the authors' code loads with load_state_dict."""
+  from safetensors.numpy import save_file
+  if not dst.endswith('.safetensors'):
+    raise ValueError(f'{dst}: --to-timm writes a .safetensors file; give a path ending in .safetensors')
+  model = load(src)
+  state = convert.ours_to_timm(flatten(jax.tree.map(np.asarray, get_params(model))),
+                               gap=model.cfg.pool == 'gap')
+  os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+  save_file(state, dst)

@@ -1,0 +1,130 @@
+"""LocAt: the two add-ons of LocAtViT (spec sections 2 and 3).
+
+* GAug: a learned per-query 2-D Gaussian bias on the attention logits of every block.
+* PRR: a parameter-free self-attention over the final tokens before the classifier.
+
+GAug is computed in float32 whatever the compute dtype. The bias is separable per query,
+    S[i, j] = alpha_i * g_row_i(r_j) * g_col_i(c_j),
+so every attention implementation here works from the per-query `(var, alpha)` and the patch
+grid, never from a (N, N, 2) distance tensor. `dense_bias` materialises S for reference and
+tests; the attention kernels in `attention.py` build it on the fly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from locatvit_jax.models import init
+
+
+@dataclasses.dataclass(frozen=True)
+class GAugGeometry:
+  """Constants of the Gaussian kernel, fixed by the grid the model was built for."""
+
+  grid0: tuple[int, int]  # (h0, w0): the training patch grid.
+
+  @property
+  def side(self) -> int:
+    return max(self.grid0)
+
+  @property
+  def var_max(self) -> float:
+    """c in `var = c * sigmoid(z - ln(c - 1))`."""
+    return float(self.side ** 2)
+
+  @property
+  def var_shift(self) -> float:
+    """ln(c - 1): makes var = 1 patch^2 when the linear output is 0 (0 when c <= 2)."""
+    c = self.var_max
+    return math.log(c - 1.0) if c > 2 else 0.0
+
+  @property
+  def dist_max(self) -> float:
+    """Per-axis clamp of squared distances: far tokens at larger grids see the kernel's floor."""
+    return float((self.side - 1) ** 2)
+
+  @property
+  def eps(self) -> float:
+    """0.1 * 2^k, smallest k >= 0 with 0.5 * dist_max / eps^2 <= 32500 (keeps fp16 finite)."""
+    k = 0
+    while 0.5 * self.dist_max / (0.1 * 2 ** k) ** 2 > 32500:
+      k += 1
+    return 0.1 * 2 ** k
+
+  def var_scale(self, grid: tuple[int, int]) -> float:
+    """Variances grow with the shorter side when the grid differs from the training one."""
+    if tuple(grid) == tuple(self.grid0):
+      return 1.0
+    return min(grid) / min(self.grid0)
+
+
+class GAug(nnx.Module):
+  """Predicts per-query variance (2 axes) and strength from the patch queries.
+
+  Both maps are shared by all heads of a block: 3 * head_dim + 3 parameters.
+  """
+
+  def __init__(self, head_dim: int, geometry: GAugGeometry, *, rngs: nnx.Rngs):
+    self.geometry = geometry
+    linear = lambda out: nnx.Linear(
+        head_dim, out, kernel_init=init.TRUNC_NORMAL, bias_init=init.ZEROS,
+        dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
+    self.var_proj = linear(2)
+    self.alpha_proj = linear(1)
+
+  def __call__(self, q_patches: jax.Array, grid: tuple[int, int]):
+    """q_patches: (B, H, hw, d) unscaled patch queries -> var (B, H, hw, 2), alpha (B, H, hw)."""
+    g = self.geometry
+    q = q_patches.astype(jnp.float32)
+    var = g.var_max * jax.nn.sigmoid(self.var_proj(q) - g.var_shift)
+    var = var * g.var_scale(grid)
+    alpha = jax.nn.softplus(self.alpha_proj(q))[..., 0]
+    return var, alpha
+
+
+def axis_gaussians(var: jax.Array, grid: tuple[int, int], geometry: GAugGeometry):
+  """The two 1-D Gaussians of every query on its own row and column axes.
+
+  Returns g_row (B, H, hw, h) and g_col (B, H, hw, w) such that the kernel between query i and
+  patch (r, c) is g_row[i, r] * g_col[i, c].
+  """
+  h, w = grid
+  rows = jnp.arange(h, dtype=jnp.float32)
+  cols = jnp.arange(w, dtype=jnp.float32)
+  q_row = jnp.repeat(rows, w)  # row of query i (row-major patch order)
+  q_col = jnp.tile(cols, h)
+  d_row = jnp.minimum((q_row[:, None] - rows[None, :]) ** 2, geometry.dist_max)  # (hw, h)
+  d_col = jnp.minimum((q_col[:, None] - cols[None, :]) ** 2, geometry.dist_max)  # (hw, w)
+  denom = var + geometry.eps  # (B, H, hw, 2)
+  g_row = jnp.exp(-0.5 * d_row / denom[..., 0:1])
+  g_col = jnp.exp(-0.5 * d_col / denom[..., 1:2])
+  return g_row, g_col
+
+
+def patch_bias(var, alpha, grid, geometry):
+  """S over patch pairs only: (B, H, hw, hw), float32."""
+  g_row, g_col = axis_gaussians(var, grid, geometry)
+  b, nh, hw, _ = g_row.shape
+  s = alpha[..., None, None] * g_row[..., :, None] * g_col[..., None, :]
+  return s.reshape(b, nh, hw, hw)
+
+
+def dense_bias(var, alpha, grid, geometry, num_prefix: int):
+  """S over all tokens (B, H, N, N): zero in every prefix row and column."""
+  s = patch_bias(var, alpha, grid, geometry)
+  pad = ((0, 0), (0, 0), (num_prefix, 0), (num_prefix, 0))
+  return jnp.pad(s, pad)
+
+
+def prr(x: jax.Array, num_heads: int) -> jax.Array:
+  """Patch representation refinement: softmax(x x^T / sqrt(C/H)) x per head, q = k = v = x."""
+  b, n, c = x.shape
+  xh = x.reshape(b, n, num_heads, c // num_heads)
+  logits = jnp.einsum('bqhd,bkhd->bhqk', xh, xh).astype(jnp.float32)
+  p = jax.nn.softmax(logits / math.sqrt(c // num_heads), axis=-1).astype(x.dtype)
+  return jnp.einsum('bhqk,bkhd->bqhd', p, xh).reshape(b, n, c)

@@ -1,0 +1,294 @@
+"""ViT backbone with LocAt switches (spec sections 1-4).
+
+One size table, one config dataclass, one model. Plain ViT, GAug only, PRR only, LocAtViT, GAP
+pooling and no position embedding are all this model with flags, so the paper's baselines and
+ablations share every line of code.
+
+Images are float NHWC of any size whose sides are multiples of the patch size. The position
+embedding is resampled and the GAug variances rescaled when the patch grid differs from the one the
+model was built for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from locatvit_jax.models import attention, init, locat
+
+# size: (width, depth, heads, mlp_dim, drop_path). Head dim is 64 everywhere.
+SIZES = {
+    'ti': (192, 12, 3, 768, 0.1),
+    's': (384, 12, 6, 1536, 0.2),
+    'b': (768, 12, 12, 3072, 0.4),
+    'l': (1024, 24, 16, 4096, 0.4),
+}
+MODEL_NAMES = tuple(f'{kind}_{size}16' for size in SIZES for kind in ('vit', 'locatvit'))
+_NAME_RE = re.compile(r'^(vit|locatvit)_(ti|s|b|l)(\d+)$')
+
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def _pair(x) -> tuple[int, int]:
+  return (int(x), int(x)) if isinstance(x, (int, float)) else tuple(int(v) for v in x)
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  """Everything that defines the architecture and how it computes. Serialised next to params."""
+
+  width: int = 192
+  depth: int = 12
+  num_heads: int = 3
+  mlp_dim: int = 768
+  patch_size: int = 16
+  img_size: tuple[int, int] = (224, 224)  # the grid GAug constants and pos_embed are built for
+  num_classes: int = 1000  # 0: no head, the model returns pooled features
+  gaug: bool = True
+  prr: bool = True
+  pool: str = 'token'  # 'token' (class token) | 'gap' (mean of patch tokens, no class token)
+  pos_embed: str = 'learn'  # 'learn' | 'none'
+  reg_tokens: int = 0
+  drop_path: float = 0.0  # the last block's rate; linear from 0 over depth
+  dtype: str = 'float32'  # matmul dtype; params, norms, GAug and softmax stay float32
+  gaug_impl: str = 'fused'  # see models/attention.py
+  remat: str = 'none'  # see REMAT_POLICIES
+
+  def __post_init__(self):
+    object.__setattr__(self, 'img_size', _pair(self.img_size))
+    checks = [
+        (self.width % self.num_heads == 0, f'width={self.width} must be a multiple of num_heads={self.num_heads}'),
+        (self.pool in ('token', 'gap'), f"pool={self.pool!r}; expected 'token' or 'gap'"),
+        (self.pos_embed in ('learn', 'none'), f"pos_embed={self.pos_embed!r}; expected 'learn' or 'none'"),
+        (self.dtype in DTYPES, f'dtype={self.dtype!r}; expected one of {tuple(DTYPES)}'),
+        (self.gaug_impl in attention.GAUG_IMPLS, f'gaug_impl={self.gaug_impl!r}; expected one of {attention.GAUG_IMPLS}'),
+        (self.remat in REMAT_POLICIES, f'remat={self.remat!r}; expected one of {tuple(REMAT_POLICIES)}'),
+        (all(s % self.patch_size == 0 for s in self.img_size),
+         f'img_size={self.img_size} must be a multiple of patch_size={self.patch_size}'),
+        (0.0 <= self.drop_path < 1.0, f'drop_path={self.drop_path}; expected 0 <= drop_path < 1'),
+        (self.reg_tokens >= 0 and self.num_classes >= 0, 'reg_tokens and num_classes must be >= 0'),
+    ]
+    for ok, msg in checks:
+      if not ok:
+        raise ValueError(msg)
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    return (self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size)
+
+  @property
+  def num_prefix(self) -> int:
+    return (1 if self.pool == 'token' else 0) + self.reg_tokens
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=1)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> 'ViTConfig':
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f'unknown model config keys {unknown}; expected a subset of {sorted(known)}')
+    return cls(**d)
+
+
+def model_config(name: str, **overrides) -> ViTConfig:
+  """`locatvit_b16` -> ViTConfig of ViT-B/16 with GAug and PRR; overrides win."""
+  m = _NAME_RE.match(name)
+  if not m:
+    raise ValueError(f'unknown model name {name!r}; expected one of {MODEL_NAMES}')
+  kind, size, patch = m.groups()
+  width, depth, heads, mlp, dpr = SIZES[size]
+  locat_on = kind == 'locatvit'
+  base = dict(width=width, depth=depth, num_heads=heads, mlp_dim=mlp, patch_size=int(patch),
+              drop_path=dpr, gaug=locat_on, prr=locat_on)
+  base.update(overrides)
+  return ViTConfig.from_dict(base)
+
+
+class Mlp(nnx.Module):
+
+  def __init__(self, width, hidden, dtype, rngs):
+    lin = lambda i, o: nnx.Linear(i, o, kernel_init=init.TRUNC_NORMAL, bias_init=init.ZEROS,
+                                  dtype=dtype, rngs=rngs)
+    self.fc1 = lin(width, hidden)
+    self.fc2 = lin(hidden, width)
+
+  def __call__(self, x):
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs):
+    dtype = DTYPES[cfg.dtype]
+    lin = lambda i, o: nnx.Linear(i, o, kernel_init=init.TRUNC_NORMAL, bias_init=init.ZEROS,
+                                  dtype=dtype, rngs=rngs)
+    self.num_heads = cfg.num_heads
+    self.gaug_impl = cfg.gaug_impl
+    self.qkv = lin(cfg.width, 3 * cfg.width)
+    self.proj = lin(cfg.width, cfg.width)
+    self.geometry = locat.GAugGeometry(cfg.grid)
+    self.gaug = locat.GAug(cfg.width // cfg.num_heads, self.geometry, rngs=rngs) if cfg.gaug else None
+    # Set by the trainer (model.set_attributes(collect_stats=True)) to sow mean GAug var/alpha.
+    self.collect_stats = False
+
+  def __call__(self, x, grid, num_prefix):
+    b, n, c = x.shape
+    h, d = self.num_heads, c // self.num_heads
+    q, k, v = self.qkv(x).reshape(b, n, 3, h, d).transpose(2, 0, 3, 1, 4)  # 3 x (B, H, N, d)
+    if self.gaug is None:
+      o = attention.plain_attention(q * d ** -0.5, k, v)
+    else:
+      var, alpha = self.gaug(q[:, :, num_prefix:], grid)  # GAug sees the unscaled queries
+      if self.collect_stats:
+        self.sow(nnx.Intermediate, 'gaug_var', jnp.mean(var))
+        self.sow(nnx.Intermediate, 'gaug_alpha', jnp.mean(alpha))
+      o = attention.gaug_attention(q * d ** -0.5, k, v, var, alpha, grid=grid, geometry=self.geometry,
+                                   num_prefix=num_prefix, impl=self.gaug_impl)
+    return self.proj(o.transpose(0, 2, 1, 3).reshape(b, n, c))
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block with per-sample stochastic depth on both residual branches."""
+
+  def __init__(self, cfg: ViTConfig, drop_path: float, rngs: nnx.Rngs):
+    ln = lambda: nnx.LayerNorm(cfg.width, epsilon=1e-6, rngs=rngs)
+    self.norm1 = ln()
+    self.attn = Attention(cfg, rngs)
+    self.norm2 = ln()
+    self.mlp = Mlp(cfg.width, cfg.mlp_dim, DTYPES[cfg.dtype], rngs)
+    # Dropout with the mask broadcast over tokens and channels is exactly timm's DropPath.
+    self.drop_path1 = nnx.Dropout(drop_path, broadcast_dims=(1, 2), rngs=rngs)
+    self.drop_path2 = nnx.Dropout(drop_path, broadcast_dims=(1, 2), rngs=rngs)
+
+  def __call__(self, x, grid, num_prefix):
+    x = x + self.drop_path1(self.attn(self.norm1(x), grid, num_prefix).astype(x.dtype))
+    return x + self.drop_path2(self.mlp(self.norm2(x)).astype(x.dtype))
+
+
+def resample_pos_embed(pos_embed: jax.Array, num_prefix: int, grid0, grid) -> jax.Array:
+  """Keep the prefix rows; resize the patch rows as a (h0, w0, C) image, bicubic with antialias.
+
+  jax.image.resize's cubic is Keys a=-0.5 with half-pixel centres, and its antialiasing widens the
+  kernel and renormalises at the borders as PyTorch's interpolate(bicubic, antialias=True) does.
+  """
+  if tuple(grid) == tuple(grid0):
+    return pos_embed
+  prefix, patches = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
+  c = pos_embed.shape[-1]
+  img = patches.reshape(grid0[0], grid0[1], c)
+  img = jax.image.resize(img, (grid[0], grid[1], c), method='cubic', antialias=True)
+  return jnp.concatenate([prefix, img.reshape(1, grid[0] * grid[1], c).astype(pos_embed.dtype)], 1)
+
+
+class ViT(nnx.Module):
+  """ViT / LocAtViT. `model(images)` -> logits; `model.features(images)` -> (B, h, w, C)."""
+
+  def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    c, p = cfg.width, cfg.patch_size
+    self.patch_embed = nnx.Conv(3, c, kernel_size=(p, p), strides=(p, p), padding='VALID',
+                                kernel_init=init.TRUNC_NORMAL, bias_init=init.ZEROS,
+                                dtype=DTYPES[cfg.dtype], rngs=rngs)
+    self.cls_token = nnx.Param(init.CLS_TOKEN(rngs.params(), (1, 1, c))) if cfg.pool == 'token' else None
+    self.reg_token = nnx.Param(init.CLS_TOKEN(rngs.params(), (1, cfg.reg_tokens, c))) if cfg.reg_tokens else None
+    if cfg.pos_embed == 'learn':
+      n = cfg.num_prefix + cfg.grid[0] * cfg.grid[1]
+      self.pos_embed = nnx.Param(init.TRUNC_NORMAL(rngs.params(), (1, n, c)))
+    else:
+      self.pos_embed = None
+    rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+    self.blocks = nnx.List([Block(cfg, r, rngs) for r in rates])
+    # 'token' pooling normalises all tokens before PRR; 'gap' normalises the pooled vector (timm's fc_norm).
+    self.norm = nnx.LayerNorm(c, epsilon=1e-6, rngs=rngs)
+    self.head = (nnx.Linear(c, cfg.num_classes, kernel_init=init.TRUNC_NORMAL, bias_init=init.ZEROS, rngs=rngs)
+                 if cfg.num_classes else None)
+
+  # -- tokens ----------------------------------------------------------------------------------
+  def grid_of(self, images: jax.Array) -> tuple[int, int]:
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f'images of shape {images.shape}; expected (batch, height, width, 3) NHWC')
+    p = self.cfg.patch_size
+    hgt, wid = images.shape[1:3]
+    if hgt % p or wid % p or hgt == 0 or wid == 0:
+      raise ValueError(f'image size {hgt}x{wid} is not a positive multiple of the patch size {p}')
+    return hgt // p, wid // p
+
+  def embed(self, images: jax.Array):
+    """Patch tokens with prefix tokens in front and position embedding added: (B, N, C), grid."""
+    grid = self.grid_of(images)
+    x = self.patch_embed(images).astype(jnp.float32)
+    b = x.shape[0]
+    x = x.reshape(b, grid[0] * grid[1], -1)
+    prefix = [t[...] for t in (self.cls_token, self.reg_token) if t is not None]
+    x = jnp.concatenate([jnp.broadcast_to(t, (b,) + t.shape[1:]) for t in prefix] + [x], axis=1)
+    if self.pos_embed is not None:
+      x = x + resample_pos_embed(self.pos_embed[...], self.cfg.num_prefix, self.cfg.grid, grid)
+    return x, grid
+
+  def encode(self, images: jax.Array, layers: Sequence[int] = ()):
+    """Runs the blocks. Returns the last block's tokens, the grid, and the tokens after `layers`."""
+    x, grid = self.embed(images)
+    policy = REMAT_POLICIES[self.cfg.remat]
+    taps = []
+    for i, blk in enumerate(self.blocks):
+      if self.cfg.remat == 'none':
+        x = blk(x, grid, self.cfg.num_prefix)
+      else:
+        x = nnx.remat(lambda m, y: m(y, grid, self.cfg.num_prefix), policy=policy)(blk, x)
+      if i in layers:
+        taps.append(x)
+    return x, grid, taps
+
+  # -- heads -----------------------------------------------------------------------------------
+  def __call__(self, images: jax.Array) -> jax.Array:
+    x, _, _ = self.encode(images)
+    cfg = self.cfg
+    if cfg.pool == 'token':
+      x = self.norm(x)
+      if cfg.prr:
+        x = locat.prr(x, cfg.num_heads)
+      x = x[:, 0]
+    else:
+      if cfg.prr:
+        x = locat.prr(x, cfg.num_heads)
+      x = self.norm(jnp.mean(x[:, cfg.num_prefix:], axis=1))
+    return self.head(x) if self.head is not None else x
+
+  def features(self, images: jax.Array, layers: Sequence[int] | None = None):
+    """Dense features: patch tokens of the last block (no final norm, no PRR) as (B, h, w, C).
+
+    With `layers` (block indices, negative allowed), a list of such maps, one per listed block.
+    """
+    depth = self.cfg.depth
+    if layers is None:
+      x, grid, _ = self.encode(images)
+      return self._to_map(x, grid)
+    idx = [i % depth if -depth <= i < depth else None for i in layers]
+    bad = [l for l, i in zip(layers, idx) if i is None]
+    if bad:
+      raise ValueError(f'layers {bad} out of range; the model has {depth} blocks (0..{depth - 1})')
+    _, grid, taps = self.encode(images, layers=tuple(sorted(set(idx))))
+    by_layer = dict(zip(sorted(set(idx)), taps))
+    return [self._to_map(by_layer[i], grid) for i in idx]
+
+  def _to_map(self, x, grid):
+    return x[:, self.cfg.num_prefix:].reshape(x.shape[0], grid[0], grid[1], x.shape[-1])
+
+
+def create_model(name: str, num_classes: int = 1000, *, seed: int = 0, **overrides) -> ViT:
+  """Builds a freshly initialised model by name (see MODEL_NAMES); config fields as overrides."""
+  cfg = model_config(name, num_classes=num_classes, **overrides)
+  return ViT(cfg, rngs=nnx.Rngs(seed))
