@@ -91,3 +91,55 @@ def find_training_step(path) -> epath.Path | None:
       if steps:
         return root / str(max(steps))
   return None
+
+
+# -- training checkpoints ------------------------------------------------------------------------
+class TrainCheckpointer:
+  """Async CheckpointManager over WORKDIR/checkpoints: train state + Grain iterator + model config.
+
+  Saves every `save_every` steps keeping the newest `max_to_keep`; `save(..., force=True)` saves
+  now (end of training, preemption). Restoring takes an abstract state whose leaves carry the
+  target shardings, so a checkpoint written on one mesh restores onto any other.
+  """
+
+  def __init__(self, workdir, *, save_every: int, max_to_keep: int = 3, use_async: bool = True):
+    import grain  # the Grain handler registers its Orbax args on import
+
+    self._grain = grain
+    self.directory = _abs(workdir) / CHECKPOINTS_DIR
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            save_interval_steps=save_every, max_to_keep=max_to_keep,
+            enable_async_checkpointing=use_async, cleanup_tmp_directories=True),
+        item_handlers={
+            'state': ocp.StandardCheckpointHandler(),
+            'data_iter': grain.checkpoint.CheckpointHandler(),
+            'model_config': ocp.JsonCheckpointHandler(),
+        })
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_iter, model_cfg, *, force: bool = False) -> bool:
+    return self.manager.save(step, force=force, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data_iter=self._grain.checkpoint.CheckpointSave(data_iter),
+        model_config=ocp.args.JsonSave(json.loads(model_cfg.to_json()))))
+
+  def restore(self, step: int, abstract_state, data_iter):
+    """Restores the state onto the shardings of `abstract_state`; `data_iter` is repositioned."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data_iter=self._grain.checkpoint.CheckpointRestore(data_iter)))
+    return restored['state']
+
+  def reached_preemption(self, step: int) -> bool:
+    """True on every process once any was told of a preemption (multi-host sync point)."""
+    return self.manager.reached_preemption(step)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()

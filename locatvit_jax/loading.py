@@ -50,10 +50,14 @@ def unflatten(flat: dict[str, Any]) -> dict:
   return tree
 
 
+def params_dict(params: nnx.State) -> dict:
+  """An nnx.State of parameters as a plain nested dict of arrays with string keys (the export layout)."""
+  return unflatten(flatten(nnx.to_pure_dict(params)))
+
+
 def get_params(model: ViT) -> dict:
-  """The model's parameters as a plain nested dict of arrays with string keys (the export layout)."""
-  pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  return unflatten(flatten(pure))
+  """The model's parameters in the export layout."""
+  return params_dict(nnx.state(model, nnx.Param))
 
 
 def build_model(cfg: ViTConfig, params: dict | None = None, *, seed: int = 0) -> ViT:

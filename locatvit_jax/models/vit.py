@@ -163,15 +163,15 @@ class Attention(nnx.Module):
 class Block(nnx.Module):
   """Pre-norm transformer block with per-sample stochastic depth on both residual branches."""
 
-  def __init__(self, cfg: ViTConfig, drop_path: float, rngs: nnx.Rngs):
+  def __init__(self, cfg: ViTConfig, drop_path: float, rngs: nnx.Rngs, drop_rngs: nnx.Rngs):
     ln = lambda: nnx.LayerNorm(cfg.width, epsilon=1e-6, rngs=rngs)
     self.norm1 = ln()
     self.attn = Attention(cfg, rngs)
     self.norm2 = ln()
     self.mlp = Mlp(cfg.width, cfg.mlp_dim, DTYPES[cfg.dtype], rngs)
     # Dropout with the mask broadcast over tokens and channels is exactly timm's DropPath.
-    self.drop_path1 = nnx.Dropout(drop_path, broadcast_dims=(1, 2), rngs=rngs)
-    self.drop_path2 = nnx.Dropout(drop_path, broadcast_dims=(1, 2), rngs=rngs)
+    self.drop_path1 = nnx.Dropout(drop_path, broadcast_dims=(1, 2), rngs=drop_rngs)
+    self.drop_path2 = nnx.Dropout(drop_path, broadcast_dims=(1, 2), rngs=drop_rngs)
 
   def __call__(self, x, grid, num_prefix):
     x = x + self.drop_path1(self.attn(self.norm1(x), grid, num_prefix).astype(x.dtype))
@@ -210,7 +210,10 @@ class ViT(nnx.Module):
     else:
       self.pos_embed = None
     rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
-    self.blocks = nnx.List([Block(cfg, r, rngs) for r in rates])
+    # A stream tagged 'dropout' even when the caller passed only a seed, so that trainers can
+    # reseed it per step with nnx.reseed(model, dropout=key).
+    drop_rngs = nnx.Rngs(dropout=rngs['dropout']())
+    self.blocks = nnx.List([Block(cfg, r, rngs, drop_rngs) for r in rates])
     # 'token' pooling normalises all tokens before PRR; 'gap' normalises the pooled vector (timm's fc_norm).
     self.norm = nnx.LayerNorm(c, epsilon=1e-6, rngs=rngs)
     self.head = (nnx.Linear(c, cfg.num_classes, kernel_init=init.TRUNC_NORMAL, bias_init=init.ZEROS, rngs=rngs)

@@ -1,0 +1,62 @@
+"""Shared pieces of the configs: the paper's classification recipe and its variants.
+
+A variant is the config argument (`configs/vit_b.py:vit`); every variant is the same model code
+with switches (spec sections 2-3 and the paper's ablations).
+"""
+
+import ml_collections
+
+from locatvit_jax.data import pipeline
+
+VARIANTS = {
+    'locat': dict(gaug=True, prr=True),  # LocAtViT
+    'vit': dict(gaug=False, prr=False),  # plain ViT baseline
+    'gaug': dict(gaug=True, prr=False),  # ablation: GAug only
+    'prr': dict(gaug=False, prr=True),  # ablation: PRR only
+    'gap': dict(gaug=False, prr=False, pool='gap'),  # ViT with global average pooling
+    'locat_gap': dict(gaug=True, prr=True, pool='gap'),
+}
+
+
+def variant_overrides(variant: str) -> dict:
+  if variant not in VARIANTS:
+    raise ValueError(f'config argument {variant!r}; expected one of {sorted(VARIANTS)}')
+  return dict(VARIANTS[variant])
+
+
+def classification_config(size: str, variant: str | None) -> ml_collections.ConfigDict:
+  """The paper's ImageNet-1k recipe (spec section 5) for ViT size `size` ('ti', 's', 'b', 'l')."""
+  c = ml_collections.ConfigDict()
+  c.task = 'classification'
+  c.seed = 0
+  c.model_name = f'vit_{size}16'  # gaug/prr come from the variant
+  c.model = ml_collections.ConfigDict(dict(
+      img_size=224, dtype='float32', gaug_impl='fused', remat='none', **variant_overrides(variant or 'locat')))
+
+  c.data = ml_collections.ConfigDict(dict(
+      kind='tfds', name='imagenet2012', data_dir=ml_collections.config_dict.placeholder(str),
+      root=ml_collections.config_dict.placeholder(str), train_split='train', eval_split='validation',
+      num_classes=1000))
+  c.aug = pipeline.default_aug_config()
+  c.mixup = ml_collections.ConfigDict(dict(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5,
+                                           label_smoothing=0.1))
+  c.input = ml_collections.ConfigDict(dict(worker_count=16))
+
+  c.batch_size = 1024
+  c.eval_batch_size = 1024
+  c.grad_accum = 1
+  c.epochs = 300
+  c.warmup_epochs = 20
+  c.total_steps = 0  # > 0 overrides epochs
+  c.warmup_steps = 0  # > 0 overrides warmup_epochs
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=5e-4, lr_base_batch=512, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, grad_clip=5.0,
+      warmup_init_lr=1e-6, end_lr=1e-5))
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.log_every = 100
+  c.eval_every = 5000
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.export_best = True
+  return c

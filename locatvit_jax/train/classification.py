@@ -1,0 +1,231 @@
+"""ImageNet-style classification pretraining (spec section 5), readable top to bottom.
+
+Sections: config checks -> data -> model and optimizer -> sharded state (resume or init) -> jitted
+steps -> the loop (log, evaluate, checkpoint, preemption) -> export.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from locatvit_jax import checkpoint, loading, sharding
+from locatvit_jax.data import pipeline, sources
+from locatvit_jax.models import vit
+from locatvit_jax.train import common, mixup, optim
+
+
+# -- config ------------------------------------------------------------------------------------------
+def model_config(config) -> vit.ViTConfig:
+  return vit.model_config(config.model_name, num_classes=config.data.num_classes, **config.model.to_dict())
+
+
+def check_config(config, mesh) -> vit.ViTConfig:
+  """Fails fast, before any data or device work, on values that cannot run."""
+  model_cfg = model_config(config)  # ViTConfig validates sizes, dtypes, implementations
+  dp = sharding.batch_parallelism(mesh)
+  micro = config.batch_size // max(config.grad_accum, 1)
+  problems = []
+  if config.batch_size % (dp * config.grad_accum):
+    problems.append(f'batch_size={config.batch_size} is not divisible by data-parallel size {dp} '
+                    f'x grad_accum {config.grad_accum}')
+  if config.batch_size % jax.process_count():
+    problems.append(f'batch_size={config.batch_size} is not divisible by {jax.process_count()} processes')
+  if config.eval_batch_size % dp:
+    problems.append(f'eval_batch_size={config.eval_batch_size} is not divisible by data-parallel size {dp}')
+  if micro < 1:
+    problems.append(f'grad_accum={config.grad_accum} exceeds batch_size={config.batch_size}')
+  if problems:
+    raise ValueError('; '.join(problems))
+  return model_cfg
+
+
+def total_and_warmup_steps(config, num_train_examples: int) -> tuple[int, int]:
+  steps_per_epoch = max(num_train_examples // config.batch_size, 1)
+  total = config.get('total_steps') or int(config.epochs * steps_per_epoch)
+  warmup = config.get('warmup_steps') or int(config.warmup_epochs * steps_per_epoch)
+  return total, min(warmup, total)
+
+
+def peak_lr(config) -> float:
+  """Linear scaling: optim.lr is the rate for optim.lr_base_batch images (5e-4 per 512)."""
+  return config.optim.lr * config.batch_size / config.optim.lr_base_batch
+
+
+# -- steps -----------------------------------------------------------------------------------------
+def soft_cross_entropy(logits, targets):
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
+
+
+def make_train_step(graphdef, config, tx, schedule, num_classes):
+  """One optimizer update on a global batch: mixup, forward/backward over micro-batches, AdamW."""
+  mix_cfg, accum = config.mixup, config.grad_accum
+  base_key = jax.random.key(config.seed)
+
+  def loss_fn(params, rest, images, targets, drop_key):
+    # copy=True: fresh Variables at this trace level, so reseeding and dropout may mutate them.
+    model = nnx.merge(graphdef, params, rest, copy=True)
+    nnx.reseed(model, dropout=drop_key)
+    loss = soft_cross_entropy(model(images), targets)
+    return loss, common.gaug_scalars(nnx.pop(model, nnx.Intermediate))
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state, rest, batch):
+    # Keys depend only on the step, so a resumed run draws exactly what an uninterrupted one would.
+    step_key = jax.random.fold_in(base_key, state['step'])
+    mix_key, drop_key = jax.random.split(step_key)
+    images, targets = mixup.mixup_cutmix(
+        mix_key, batch['image'], batch['label'], num_classes=num_classes,
+        mixup_alpha=mix_cfg.mixup_alpha, cutmix_alpha=mix_cfg.cutmix_alpha,
+        switch_prob=mix_cfg.switch_prob, label_smoothing=mix_cfg.label_smoothing)
+
+    def micro(carry, xs):
+      grads, loss, stats = carry
+      i, imgs, tgts = xs
+      (l, s), g = grad_fn(state['params'], rest, imgs, tgts, jax.random.fold_in(drop_key, i))
+      return (jax.tree.map(jnp.add, grads, g), loss + l, jax.tree.map(jnp.add, stats, s)), None
+
+    split = lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:])
+    zeros = jax.tree.map(jnp.zeros_like, state['params'])
+    (_, stats0), _ = jax.eval_shape(grad_fn, state['params'], rest, split(images)[0], split(targets)[0], drop_key)
+    init = (zeros, jnp.zeros(()), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats0))
+    (grads, loss, stats), _ = jax.lax.scan(micro, init, (jnp.arange(accum), split(images), split(targets)))
+    grads, loss, stats = jax.tree.map(lambda x: x / accum, (grads, loss, stats))
+
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    new_state = {'step': state['step'] + 1, 'params': optax.apply_updates(state['params'], updates),
+                 'opt_state': opt_state}
+    scalars = {'loss': loss, 'grad_norm': optax.global_norm(grads), 'lr': schedule(state['step']), **stats}
+    return new_state, scalars
+
+  return train_step
+
+
+def make_eval_step(graphdef):
+  """Counts correct top-1 predictions among the valid (non-padding) examples of a global batch."""
+  def eval_step(params, rest, batch):
+    model = nnx.merge(graphdef, params, rest)
+    model.eval()
+    correct = (jnp.argmax(model(batch['image']), -1) == batch['label']) * batch['valid']
+    return {'correct': correct.sum(), 'count': batch['valid'].sum()}
+  return eval_step
+
+
+def evaluate(eval_step, params, rest, config, mesh) -> float:
+  loader = eval_loader(config)
+  correct = count = 0.0
+  for batch in loader:
+    out = jax.device_get(eval_step(params, rest, sharding.to_global(batch, mesh)))
+    correct += float(out['correct'])
+    count += float(out['count'])
+  return correct / max(count, 1.0)
+
+
+# -- data ------------------------------------------------------------------------------------------
+def train_loader(config, source):
+  return pipeline.classification_loader(
+      source, train=True, global_batch_size=config.batch_size, img_size=config.model.img_size,
+      aug=config.aug, seed=config.seed, worker_count=config.input.worker_count)
+
+
+def eval_loader(config):
+  source = sources.classification_source(config.data, config.data.eval_split)
+  return pipeline.classification_loader(
+      source, train=False, global_batch_size=config.eval_batch_size, img_size=config.model.img_size,
+      aug=config.aug, seed=config.seed, worker_count=config.input.worker_count)
+
+
+# -- the run -----------------------------------------------------------------------------------------
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
+  """Trains (resuming from `workdir` if it holds checkpoints), evaluates, exports. Returns final metrics.
+
+  `devices` (default: all) lets tests and notebooks train on a subset of the local devices.
+  """
+  mesh = sharding.make_mesh(config.mesh, devices)
+  model_cfg = check_config(config, mesh)
+
+  # Data. The iterator is part of the checkpoint, so a resumed run continues the same stream.
+  train_source = sources.classification_source(config.data, config.data.train_split)
+  total_steps, warmup_steps = total_and_warmup_steps(config, len(train_source))
+  train_iter = iter(train_loader(config, train_source))
+
+  # Model and optimizer. Only the graphdef (structure) lives in Python; arrays live in `state`.
+  def new_model():
+    model = vit.ViT(model_cfg, rngs=nnx.Rngs(config.seed))
+    model.set_attributes(collect_stats=True, raise_if_not_found=False)
+    return model
+
+  graphdef, abstract_params, abstract_rest = nnx.split(nnx.eval_shape(new_model), nnx.Param, ...)
+  rest = jax.jit(lambda: nnx.split(new_model(), nnx.Param, ...)[2], out_shardings=sharding.replicated(mesh))()
+  schedule = optim.warmup_linear_decay(peak_lr(config), total_steps, warmup_steps,
+                                       config.optim.warmup_init_lr, config.optim.end_lr)
+  tx = optim.adamw(schedule, config.optim, abstract_params)
+  abstract_state = common.abstract_train_state(abstract_params, tx)
+  shardings = common.state_shardings(abstract_state, mesh)
+
+  # State: resume from the workdir (any mesh) or initialise in place.
+  ckpt = checkpoint.TrainCheckpointer(workdir, save_every=config.checkpoint_every,
+                                      max_to_keep=config.keep_checkpoints)
+  init_fn = lambda: common.init_train_state(lambda: nnx.state(new_model(), nnx.Param), tx,
+                                            abstract_state, shardings)
+  state = common.restore_or_init(ckpt, train_iter, abstract_state, shardings, init_fn)
+  start_step = common.host_int(state['step'])
+
+  # Jitted steps: the state is donated, so parameters are updated in place.
+  batch_sh = sharding.batch_sharding(mesh)
+  train_step = jax.jit(make_train_step(graphdef, config, tx, schedule, model_cfg.num_classes),
+                       in_shardings=(shardings, None, batch_sh), out_shardings=(shardings, None),
+                       donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(shardings['params'], None, batch_sh))
+
+  # Loop.
+  writer, progress = common.writer_for(workdir, total_steps)
+  throughput = common.Throughput(config.batch_size)
+  guard = common.PreemptionGuard(ckpt)
+  best_top1, scalars, top1 = -1.0, {}, None
+  logging.info('Training %s for %d steps (%d warmup), batch %d, on mesh %s.',
+               config.model_name, total_steps, warmup_steps, config.batch_size, dict(mesh.shape))
+  throughput(start_step)
+  try:
+    for step in range(start_step + 1, total_steps + 1):
+      batch = sharding.to_global(next(train_iter), mesh)
+      state, device_scalars = train_step(state, rest, batch)
+      last = step == total_steps
+      eval_due = last or (config.eval_every and step % config.eval_every == 0)
+      save_due = last or step % config.checkpoint_every == 0
+      if step % config.log_every == 0 or eval_due or save_due or step == start_step + 1:
+        scalars = common.fetch_scalars(device_scalars)
+        common.check_finite(scalars, step)  # before saving: never checkpoint a diverged state
+        scalars['img_per_s'] = throughput(step)
+        if eval_due:
+          top1 = evaluate(eval_step, state['params'], rest, config, mesh)
+          scalars['eval_top1'] = top1
+          if top1 > best_top1 and config.export_best:
+            best_top1 = top1
+            checkpoint.save_params(os.path.join(workdir, 'export_best'), loading.params_dict(state['params']), model_cfg)
+        writer.write(step, scalars)
+        progress.update(step, scalars)
+      ckpt.save(step, state, train_iter, model_cfg, force=last)
+      if guard.should_stop(step):
+        ckpt.save(step, state, train_iter, model_cfg, force=True)
+        ckpt.wait()
+        logging.warning('Stopped at step %d after SIGTERM; rerun the same command to resume.', step)
+        sys.exit(143)
+  finally:
+    ckpt.wait()
+    guard.close()
+    writer.close()
+    progress.close()
+
+  checkpoint.save_params(os.path.join(workdir, 'export'), loading.params_dict(state['params']), model_cfg)
+  logging.info('Done: top-1 %s; params exported to %s/export.', top1, workdir)
+  return {'eval_top1': top1, **scalars}

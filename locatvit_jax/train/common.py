@@ -1,0 +1,132 @@
+"""What both trainers share: sharded train state, resume, preemption, logging, export.
+
+The train state is a plain dict {'step', 'params', 'opt_state'} of (sharded) arrays; the model's
+structure lives in an NNX graphdef that the jitted steps merge with the params, so Python stays out
+of the loop (nnx.split -> jax.jit -> nnx.merge).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from locatvit_jax import checkpoint, metrics, sharding
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+# -- state ---------------------------------------------------------------------------------------
+def abstract_train_state(params_abstract, tx: optax.GradientTransformation) -> dict:
+  return {
+      'step': jax.ShapeDtypeStruct((), jnp.int32),
+      'params': params_abstract,
+      'opt_state': jax.eval_shape(tx.init, params_abstract),
+  }
+
+
+def state_shardings(abstract_state, mesh):
+  return sharding.tree_shardings(abstract_state, mesh)
+
+
+def init_train_state(init_params_fn, tx, abstract_state, shardings) -> dict:
+  """Creates params and optimizer state directly in their shardings (no host copy of the model)."""
+  def init():
+    params = init_params_fn()
+    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
+  return jax.jit(init, out_shardings=shardings)()
+
+
+def with_shardings(abstract_state, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract_state, shardings)
+
+
+def restore_or_init(ckpt: checkpoint.TrainCheckpointer, data_iter, abstract_state, shardings, init_fn):
+  """Resumes from the newest checkpoint in the workdir (state and data position), else inits."""
+  step = ckpt.latest_step()
+  if step is None:
+    logging.info('No checkpoint in %s: starting from scratch.', ckpt.directory)
+    return init_fn()
+  logging.info('Resuming from %s/%d.', ckpt.directory, step)
+  return ckpt.restore(step, with_shardings(abstract_state, shardings), data_iter)
+
+
+# -- preemption ----------------------------------------------------------------------------------
+class PreemptionGuard:
+  """Turns SIGTERM into a flag the loop polls, so the step in flight finishes and is checkpointed.
+
+  On several processes the decision must be collective: Orbax's preemption sync point (JAX's
+  coordination service) makes every process stop at the same step.
+  """
+
+  def __init__(self, ckpt: checkpoint.TrainCheckpointer):
+    self._ckpt = ckpt
+    self._signalled = False
+    self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame):
+    logging.warning('SIGTERM received: saving a checkpoint after this step, then exiting.')
+    self._signalled = True
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return self._signalled or self._ckpt.reached_preemption(step)
+    return self._signalled
+
+  def close(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+# -- logging ---------------------------------------------------------------------------------------
+def fetch_scalars(device_metrics: dict) -> dict[str, float]:
+  """Pulls a dict of scalar device arrays to Python floats (one transfer)."""
+  return {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+
+
+def check_finite(scalars: dict[str, float], step: int) -> None:
+  if not math.isfinite(scalars['loss']):
+    raise NonFiniteLossError(
+        f'loss is {scalars["loss"]} at step {step}: stopping; the last good checkpoint is kept. '
+        'Lower the learning rate, enable grad_clip, or use float32 compute.')
+
+
+class Throughput:
+  """Images per second between two log points (wall clock, includes input pipeline stalls)."""
+
+  def __init__(self, images_per_step: int):
+    self.images_per_step = images_per_step
+    self._t, self._step = time.perf_counter(), None
+
+  def __call__(self, step: int) -> float:
+    now = time.perf_counter()
+    rate = (step - self._step) * self.images_per_step / (now - self._t) if self._step is not None else 0.0
+    self._t, self._step = now, step
+    return rate
+
+
+def gaug_scalars(intermediates: nnx.State) -> dict:
+  """Per-block mean GAug variance and alpha, from what the attention layers sowed."""
+  out = {}
+  for i, block in nnx.to_pure_dict(intermediates).get('blocks', {}).items():
+    for name in ('gaug_var', 'gaug_alpha'):
+      if name in block.get('attn', {}):
+        out[f'{name}/block{i}'] = jnp.mean(jnp.stack(block['attn'][name]))
+  return out
+
+
+def writer_for(workdir, total_steps: int) -> tuple[metrics.MetricWriter, metrics.ProgressLine]:
+  return metrics.MetricWriter(workdir), metrics.ProgressLine(total_steps)
+
+
+def host_int(x) -> int:
+  return int(np.asarray(jax.device_get(x)))
