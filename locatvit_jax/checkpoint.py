@@ -107,10 +107,11 @@ class TrainCheckpointer:
 
     self._grain = grain
     self.directory = _abs(workdir) / CHECKPOINTS_DIR
+    self.save_every = save_every
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            save_interval_steps=save_every, max_to_keep=max_to_keep,
+            max_to_keep=max_to_keep,
             enable_async_checkpointing=use_async, cleanup_tmp_directories=True),
         item_handlers={
             'state': ocp.StandardCheckpointHandler(),
@@ -122,7 +123,12 @@ class TrainCheckpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_iter, model_cfg, *, force: bool = False) -> bool:
-    return self.manager.save(step, force=force, args=ocp.args.Composite(
+    """Saves at multiples of save_every, or now with force; returns whether it saved."""
+    if not force and step % self.save_every:
+      return False
+    if step == self.manager.latest_step():
+      return False
+    return self.manager.save(step, force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data_iter=self._grain.checkpoint.CheckpointSave(data_iter),
         model_config=ocp.args.JsonSave(json.loads(model_cfg.to_json()))))

@@ -194,7 +194,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   best_top1, scalars, top1 = -1.0, {}, None
   logging.info('Training %s for %d steps (%d warmup), batch %d, on mesh %s.',
                config.model_name, total_steps, warmup_steps, config.batch_size, dict(mesh.shape))
-  throughput(start_step)
   try:
     for step in range(start_step + 1, total_steps + 1):
       batch = sharding.to_global(next(train_iter), mesh)

@@ -101,7 +101,10 @@ def check_finite(scalars: dict[str, float], step: int) -> None:
 
 
 class Throughput:
-  """Images per second between two log points (wall clock, includes input pipeline stalls)."""
+  """Images per second between two log points (wall clock, includes input pipeline stalls).
+
+  The first call only sets the mark (0.0), so compilation never counts as training time.
+  """
 
   def __init__(self, images_per_step: int):
     self.images_per_step = images_per_step

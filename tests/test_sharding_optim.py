@@ -1,0 +1,63 @@
+"""Mesh construction, sharding rules, weight-decay mask and the LR schedule."""
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+import locatvit_jax
+from locatvit_jax import sharding
+from locatvit_jax.train import optim
+
+
+def mesh_cfg(**kw):
+  return ml_collections.ConfigDict(dict(dict(data=-1, fsdp=1, tensor=1), **kw))
+
+
+def test_mesh_fills_the_free_axis():
+  mesh = sharding.make_mesh(mesh_cfg(fsdp=2, tensor=2))
+  assert dict(mesh.shape) == {'data': 2, 'fsdp': 2, 'tensor': 2}
+  assert sharding.batch_parallelism(mesh) == 4
+
+
+@pytest.mark.parametrize('cfg, message', [
+    (dict(data=3), 'needs 3 devices; 8 are available'),
+    (dict(data=-1, fsdp=3), 'does not divide 8 devices'),
+    (dict(data=-1, fsdp=-1), 'at most one axis may be -1'),
+])
+def test_mesh_errors(cfg, message):
+  with pytest.raises(ValueError, match=message):
+    sharding.make_mesh(mesh_cfg(**cfg))
+
+
+def test_param_rules_shard_fsdp_and_tensor_and_drop_what_does_not_divide():
+  mesh = sharding.make_mesh(mesh_cfg(data=1, fsdp=4, tensor=2))
+  model = nnx.eval_shape(lambda: locatvit_jax.create_model('locatvit_ti16', num_classes=10))
+  shardings = sharding.tree_shardings(locatvit_jax.get_params(model), mesh)
+  blk = shardings['blocks']['0']
+  assert blk['attn']['qkv']['kernel'].spec == jax.sharding.PartitionSpec('fsdp', 'tensor')
+  assert blk['mlp']['fc2']['kernel'].spec == jax.sharding.PartitionSpec('tensor', 'fsdp')
+  assert blk['attn']['gaug']['var_proj']['kernel'].spec == jax.sharding.PartitionSpec(None, None)
+  assert blk['norm1']['scale'].spec == jax.sharding.PartitionSpec(None)
+  # head (192, 10): 10 is not divisible by fsdp=4, so that axis is dropped instead of failing.
+  assert shardings['head']['kernel'].spec == jax.sharding.PartitionSpec(None, None)
+  assert shardings['pos_embed'].spec == jax.sharding.PartitionSpec(None, None, 'fsdp')
+
+
+def test_decay_mask_only_kernels():
+  model = nnx.eval_shape(lambda: locatvit_jax.create_model('locatvit_ti16', num_classes=10, depth=1))
+  flat = locatvit_jax.loading.flatten(optim.decay_mask(locatvit_jax.get_params(model)))
+  decayed = sorted(k for k, v in flat.items() if v)
+  assert decayed == sorted(['patch_embed/kernel', 'blocks/0/attn/qkv/kernel', 'blocks/0/attn/proj/kernel',
+                            'blocks/0/attn/gaug/var_proj/kernel', 'blocks/0/attn/gaug/alpha_proj/kernel',
+                            'blocks/0/mlp/fc1/kernel', 'blocks/0/mlp/fc2/kernel', 'head/kernel'])
+
+
+def test_warmup_then_linear_decay():
+  sched = optim.warmup_linear_decay(1e-3, total_steps=100, warmup_steps=20, init_value=0.0, end_value=0.0)
+  lrs = np.array([sched(s) for s in range(101)])
+  np.testing.assert_allclose(lrs[[0, 10, 20, 60, 100]], [0.0, 5e-4, 1e-3, 5e-4, 0.0], atol=1e-9)
+  assert np.all(np.diff(lrs[:21]) > 0) and np.all(np.diff(lrs[20:]) < 0)
+  with pytest.raises(ValueError, match='warmup_steps=30, total_steps=20'):
+    optim.warmup_linear_decay(1e-3, total_steps=20, warmup_steps=30)
