@@ -60,3 +60,56 @@ def classification_config(size: str, variant: str | None) -> ml_collections.Conf
   c.keep_checkpoints = 3
   c.export_best = True
   return c
+
+
+# Frozen-backbone segmentation (spec section 6): dataset -> (data fields, crop, train/eval scale).
+SEG_DATASETS = {
+    'ade20k': (dict(kind='ade20k', num_classes=150, train_split='training', eval_split='validation'),
+               512, (2048, 512)),
+    'pcontext': (dict(kind='pcontext', num_classes=59, train_split='train', eval_split='val'),
+                 480, (520, 520)),
+    'cocostuff': (dict(kind='cocostuff', num_classes=171, train_split='train2017', eval_split='val2017'),
+                  512, (2048, 512)),
+}
+PAPER_MIOU = {  # (ViT, LocAtViT) frozen-backbone mIoU, spec section 7
+    ('ade20k', 'ti'): (17.30, 23.47), ('ade20k', 'b'): (28.40, 32.64),
+    ('pcontext', 'ti'): (33.71, 38.57), ('pcontext', 'b'): (43.10, 45.35),
+    ('cocostuff', 'ti'): (20.29, 26.15), ('cocostuff', 'b'): (30.43, 33.62),
+}
+
+
+def segmentation_config(dataset: str, arg: str | None) -> ml_collections.ConfigDict:
+  """Linear head on a frozen backbone; `arg` is the backbone size ('ti', 's', 'b', 'l'; default 'b')."""
+  size = arg or 'b'
+  if size not in ('ti', 's', 'b', 'l'):
+    raise ValueError(f"config argument {size!r}; expected a backbone size: 'ti', 's', 'b' or 'l'")
+  data, crop, scale = SEG_DATASETS[dataset]
+  c = ml_collections.ConfigDict()
+  c.task = 'segmentation'
+  c.seed = 0
+  c.size = size
+  c.init = ''  # required: backbone checkpoint (our export or workdir, or the authors' weights)
+  c.data = ml_collections.ConfigDict(dict(
+      root=ml_collections.config_dict.placeholder(str), data_dir=ml_collections.config_dict.placeholder(str),
+      **data))
+  c.patch_size = 16
+  c.crop_size = crop
+  c.train_scale = scale
+  c.eval_scale = scale
+  c.ratio_range = (0.5, 2.0)
+  c.head_hidden = 512
+  c.input = ml_collections.ConfigDict(dict(worker_count=8))
+  c.batch_size = 32
+  c.total_steps = 20_000
+  c.warmup_fraction = 0.25
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip=0.0,
+      warmup_init_factor=1e-4, end_factor=1e-8))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.log_every = 50
+  c.eval_every = 0  # 0: evaluate at the end only
+  c.eval_only = False
+  c.num_pictures = 4
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 2
+  return c

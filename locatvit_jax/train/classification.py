@@ -6,8 +6,10 @@ steps -> the loop (log, evaluate, checkpoint, preemption) -> export.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -144,6 +146,44 @@ def eval_loader(config):
       aug=config.aug, seed=config.seed, worker_count=config.input.worker_count)
 
 
+# -- model, optimizer, jitted steps ---------------------------------------------------------------
+@dataclasses.dataclass
+class Setup:
+  """Everything the loop (and benchmarks/train_step.py) needs besides data and checkpoints."""
+  graphdef: nnx.GraphDef
+  rest: nnx.State  # non-parameter model state (dropout RNG streams), replicated
+  abstract_state: dict
+  shardings: dict
+  init_state: Callable[[], dict]
+  train_step: Callable  # (state, rest, global batch) -> (state, scalars); donates state
+  eval_step: Callable  # (params, rest, global batch) -> {'correct', 'count'}
+
+
+def build(config, model_cfg: vit.ViTConfig, mesh, total_steps: int, warmup_steps: int) -> Setup:
+  """Model structure, optimizer and the jitted steps. Only the graphdef lives in Python."""
+  def new_model():
+    model = vit.ViT(model_cfg, rngs=nnx.Rngs(config.seed))
+    model.set_attributes(collect_stats=True, raise_if_not_found=False)
+    return model
+
+  graphdef, abstract_params, _ = nnx.split(nnx.eval_shape(new_model), nnx.Param, ...)
+  rest = jax.jit(lambda: nnx.split(new_model(), nnx.Param, ...)[2], out_shardings=sharding.replicated(mesh))()
+  schedule = optim.warmup_linear_decay(peak_lr(config), total_steps, warmup_steps,
+                                       config.optim.warmup_init_lr, config.optim.end_lr)
+  tx = optim.adamw(schedule, config.optim, abstract_params)
+  abstract_state = common.abstract_train_state(abstract_params, tx)
+  shardings = common.state_shardings(abstract_state, mesh)
+  init_state = lambda: common.init_train_state(lambda: nnx.state(new_model(), nnx.Param), tx,
+                                               abstract_state, shardings)
+  # The state is donated, so parameters and optimizer state are updated in place.
+  batch_sh = sharding.batch_sharding(mesh)
+  train_step = jax.jit(make_train_step(graphdef, config, tx, schedule, model_cfg.num_classes),
+                       in_shardings=(shardings, None, batch_sh), out_shardings=(shardings, None),
+                       donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(shardings['params'], None, batch_sh))
+  return Setup(graphdef, rest, abstract_state, shardings, init_state, train_step, eval_step)
+
+
 # -- the run -----------------------------------------------------------------------------------------
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
   """Trains (resuming from `workdir` if it holds checkpoints), evaluates, exports. Returns final metrics.
@@ -158,34 +198,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   total_steps, warmup_steps = total_and_warmup_steps(config, len(train_source))
   train_iter = iter(train_loader(config, train_source))
 
-  # Model and optimizer. Only the graphdef (structure) lives in Python; arrays live in `state`.
-  def new_model():
-    model = vit.ViT(model_cfg, rngs=nnx.Rngs(config.seed))
-    model.set_attributes(collect_stats=True, raise_if_not_found=False)
-    return model
-
-  graphdef, abstract_params, abstract_rest = nnx.split(nnx.eval_shape(new_model), nnx.Param, ...)
-  rest = jax.jit(lambda: nnx.split(new_model(), nnx.Param, ...)[2], out_shardings=sharding.replicated(mesh))()
-  schedule = optim.warmup_linear_decay(peak_lr(config), total_steps, warmup_steps,
-                                       config.optim.warmup_init_lr, config.optim.end_lr)
-  tx = optim.adamw(schedule, config.optim, abstract_params)
-  abstract_state = common.abstract_train_state(abstract_params, tx)
-  shardings = common.state_shardings(abstract_state, mesh)
+  setup = build(config, model_cfg, mesh, total_steps, warmup_steps)
+  train_step, eval_step, rest = setup.train_step, setup.eval_step, setup.rest
 
   # State: resume from the workdir (any mesh) or initialise in place.
   ckpt = checkpoint.TrainCheckpointer(workdir, save_every=config.checkpoint_every,
                                       max_to_keep=config.keep_checkpoints)
-  init_fn = lambda: common.init_train_state(lambda: nnx.state(new_model(), nnx.Param), tx,
-                                            abstract_state, shardings)
-  state = common.restore_or_init(ckpt, train_iter, abstract_state, shardings, init_fn)
+  state = common.restore_or_init(ckpt, train_iter, setup.abstract_state, setup.shardings, setup.init_state)
   start_step = common.host_int(state['step'])
-
-  # Jitted steps: the state is donated, so parameters are updated in place.
-  batch_sh = sharding.batch_sharding(mesh)
-  train_step = jax.jit(make_train_step(graphdef, config, tx, schedule, model_cfg.num_classes),
-                       in_shardings=(shardings, None, batch_sh), out_shardings=(shardings, None),
-                       donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(shardings['params'], None, batch_sh))
 
   # Loop.
   writer, progress = common.writer_for(workdir, total_steps)

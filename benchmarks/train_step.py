@@ -1,0 +1,153 @@
+r"""Times the project's real jitted training step (the one `locatvit_jax.main` runs).
+
+  python -m benchmarks.train_step --model=locatvit_ti16 --size=224 --batch=32 --pair
+  python -m benchmarks.train_step --model=locatvit_ti16 --size=512 --batch=8 --forward
+
+The last line printed is JSON: img_per_s, step_ms (median over --steps after --warmup), compile_s,
+peak_rss_mb (process peak after the primary model ran, before any paired model is built), backend;
+with --pair also the plain ViT of the same size timed the same way, interleaved step by step in the
+same process, and `ratio` = primary step time / ViT step time.
+
+On CPU the benchmark re-executes itself once under tcmalloc (when installed) with
+TCMALLOC_RELEASE_RATE=0 and XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_dot:
+XLA's per-step buffers otherwise cost ~25% of a step in glibc page faults. --no_cpu_env disables it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+from absl import app, flags
+
+TCMALLOC = '/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4'
+CPU_XLA_FLAGS = '--xla_cpu_experimental_ynn_fusion_type=-individual_dot'
+
+_MODEL = flags.DEFINE_string('model', 'locatvit_ti16', 'Model name (locatvit_jax.MODEL_NAMES).')
+_SIZE = flags.DEFINE_integer('size', 224, 'Square image size in pixels.')
+_BATCH = flags.DEFINE_integer('batch', 32, 'Global batch size.')
+_STEPS = flags.DEFINE_integer('steps', 8, 'Timed steps (median reported).')
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
+_PAIR = flags.DEFINE_bool('pair', False, 'Also time the plain ViT of the same size; report the ratio.')
+_FORWARD = flags.DEFINE_bool('forward', False, 'Time the inference forward (dense features) instead.')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Matmul dtype.')
+_GAUG_IMPL = flags.DEFINE_string('gaug_impl', None, 'GAug implementation (default: the config default).')
+_REMAT = flags.DEFINE_enum('remat', 'none', ['none', 'full', 'dots'], 'Activation checkpointing policy.')
+_NO_CPU_ENV = flags.DEFINE_bool('no_cpu_env', False, 'Do not re-execute under tcmalloc and CPU XLA flags.')
+
+
+def cpu_env_reexec() -> None:
+  """Re-executes under the fast CPU environment unless already in it (see module docstring)."""
+  if _NO_CPU_ENV.value or os.environ.get('LOCATVIT_CPU_ENV') or not os.path.exists(TCMALLOC):
+    return
+  import jax
+  if jax.default_backend() != 'cpu':
+    return
+  env = dict(os.environ, LOCATVIT_CPU_ENV='1', LD_PRELOAD=TCMALLOC, TCMALLOC_RELEASE_RATE='0',
+             XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') + ' ' + CPU_XLA_FLAGS).strip())
+  os.execve(sys.executable, [sys.executable, '-m', 'benchmarks.train_step', *sys.argv[1:]], env)
+
+
+def bench_config(model: str):
+  from configs import common
+  from locatvit_jax.models import vit
+  kind, size = model.split('_')[0], model.split('_')[1].rstrip('0123456789')
+  config = common.classification_config(size, 'locat' if kind == 'locatvit' else 'vit')
+  config.model.img_size = _SIZE.value
+  config.model.dtype = _DTYPE.value
+  config.model.remat = _REMAT.value
+  if _GAUG_IMPL.value:
+    config.model.gaug_impl = _GAUG_IMPL.value
+  config.batch_size = config.eval_batch_size = _BATCH.value
+  config.mesh.update(dict(data=-1, fsdp=1, tensor=1))
+  vit.model_config(model)  # validates the name
+  return config
+
+
+class Runner:
+  """One model's jitted step and inputs; `step()` runs and waits for one step."""
+
+  def __init__(self, model: str):
+    import jax
+    import numpy as np
+    from locatvit_jax import sharding
+    from locatvit_jax.train import classification
+
+    config = bench_config(model)
+    mesh = sharding.make_mesh(config.mesh)
+    model_cfg = classification.check_config(config, mesh)
+    setup = classification.build(config, model_cfg, mesh, total_steps=1000, warmup_steps=10)
+    rng = np.random.default_rng(0)
+    batch = {'image': rng.normal(size=(_BATCH.value, _SIZE.value, _SIZE.value, 3)).astype(np.float32),
+             'label': rng.integers(0, model_cfg.num_classes, _BATCH.value).astype(np.int32)}
+    self.batch = sharding.to_global(batch, mesh)
+    self.rest = setup.rest
+    self.state = setup.init_state()
+    if _FORWARD.value:
+      graphdef = setup.graphdef
+
+      def features(params, rest, images):
+        from flax import nnx
+        m = nnx.merge(graphdef, params, rest)
+        m.eval()
+        return m.features(images)
+      fwd = jax.jit(features)
+      self._run = lambda: fwd(self.state['params'], self.rest, self.batch['image']).block_until_ready()
+    else:
+      def run():
+        self.state, scalars = setup.train_step(self.state, self.rest, self.batch)
+        jax.block_until_ready(scalars)
+      self._run = run
+    t0 = time.perf_counter()
+    self._run()
+    self.compile_s = time.perf_counter() - t0
+    for _ in range(_WARMUP.value):
+      self._run()
+    self.times = []
+
+  def step(self) -> None:
+    t0 = time.perf_counter()
+    self._run()
+    self.times.append(time.perf_counter() - t0)
+
+  def result(self) -> dict:
+    step_s = statistics.median(self.times)
+    return {'step_ms': round(step_s * 1e3, 2), 'img_per_s': round(_BATCH.value / step_s, 3),
+            'compile_s': round(self.compile_s, 2)}
+
+
+def peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main(argv):
+  del argv
+  cpu_env_reexec()
+  import jax
+  primary = Runner(_MODEL.value)
+  for _ in range(_STEPS.value):
+    primary.step()
+  out = {'model': _MODEL.value, 'size': _SIZE.value, 'batch': _BATCH.value,
+         'mode': 'forward' if _FORWARD.value else 'train_step', 'dtype': _DTYPE.value,
+         'remat': _REMAT.value, **primary.result(), 'peak_rss_mb': round(peak_rss_mb(), 1),
+         'backend': jax.default_backend(), 'devices': jax.device_count(),
+         'cpu_env': bool(os.environ.get('LOCATVIT_CPU_ENV'))}
+  if _PAIR.value:
+    baseline_name = _MODEL.value.replace('locatvit_', 'vit_')
+    baseline = Runner(baseline_name)
+    primary.times.clear()
+    for _ in range(_STEPS.value):  # interleaved, so drift hits both models alike
+      primary.step()
+      baseline.step()
+    out.update({k: v for k, v in primary.result().items() if k != 'compile_s'})
+    out['baseline'] = {'model': baseline_name, **baseline.result()}
+    out['ratio'] = round(statistics.median(primary.times) / statistics.median(baseline.times), 4)
+  print(json.dumps(out), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,209 @@
+"""Frozen-backbone segmentation finetuning and evaluation (spec section 6), top to bottom.
+
+Sections: config checks -> frozen backbone -> data -> head, optimizer, sharded state (resume or
+init) -> jitted steps -> the loop -> whole-image evaluation (mIoU) and pictures.
+
+The backbone comes from `locatvit_jax.load(config.init)`, so our exports, training workdirs and the
+authors' checkpoints all work. Its params are an input of the jitted step, never of the optimizer,
+and its features are computed under stop_gradient: training cannot change them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from locatvit_jax import checkpoint, loading, sharding, viz
+from locatvit_jax.data import seg_pipeline, seg_sources
+from locatvit_jax.evaluators import segmentation as seg_eval
+from locatvit_jax.models import seg_head, vit
+from locatvit_jax.train import common, optim
+
+
+# -- config ------------------------------------------------------------------------------------------
+def check_config(config, mesh) -> None:
+  dp = sharding.batch_parallelism(mesh)
+  problems = []
+  if not config.init:
+    problems.append('config.init is empty; expected a checkpoint path for the backbone (see README)')
+  if config.batch_size % dp:
+    problems.append(f'batch_size={config.batch_size} is not divisible by data-parallel size {dp}')
+  if config.crop_size % config.patch_size:
+    problems.append(f'crop_size={config.crop_size} is not a multiple of the patch size {config.patch_size}')
+  if problems:
+    raise ValueError('; '.join(problems))
+
+
+def head_config(config, backbone_cfg) -> dict:
+  """What the segmentation checkpoints record about the model (JSON)."""
+  return {'init': str(config.init), 'backbone': json.loads(backbone_cfg.to_json()),
+          'num_classes': config.data.num_classes, 'hidden': config.head_hidden}
+
+
+class _JsonConfig:
+  """Adapter: TrainCheckpointer stores anything with to_json()."""
+
+  def __init__(self, d: dict):
+    self._d = d
+
+  def to_json(self) -> str:
+    return json.dumps(self._d, indent=1)
+
+
+# -- steps -----------------------------------------------------------------------------------------
+def make_train_step(bb_graphdef, head_graphdef, tx, schedule):
+  def loss_fn(head_params, feats, masks):
+    head = nnx.merge(head_graphdef, head_params)
+    logits = seg_head.upsample_logits(head(feats), masks.shape[1:3])
+    return seg_head.segmentation_loss(logits, masks)
+
+  def train_step(state, bb_params, bb_rest, batch):
+    backbone = nnx.merge(bb_graphdef, bb_params, bb_rest)
+    feats = jax.lax.stop_gradient(backbone.features(batch['image']))
+    loss, grads = jax.value_and_grad(loss_fn)(state['params'], feats, batch['mask'])
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    new_state = {'step': state['step'] + 1, 'params': jax.tree.map(jnp.add, state['params'], updates),
+                 'opt_state': opt_state}
+    return new_state, {'loss': loss, 'lr': schedule(state['step'])}
+
+  return train_step
+
+
+def make_predict(bb_graphdef, head_graphdef):
+  """Logits of padded whole images at their own grid, float32 (B, H, W, K) at input resolution."""
+  def predict(head_params, bb_params, bb_rest, images):
+    backbone = nnx.merge(bb_graphdef, bb_params, bb_rest)
+    head = nnx.merge(head_graphdef, head_params)
+    return seg_head.upsample_logits(head(backbone.features(images)), images.shape[1:3])
+  return predict
+
+
+def evaluate(predict, head_params, bb_params, bb_rest, config, workdir=None, step=0) -> dict:
+  """Whole-image inference, one image at a time at its own (patch-padded) size; mIoU over all hosts.
+
+  jit caches one executable per padded shape; resizing to fit `eval_scale` and padding to the
+  patch multiple bound the number of distinct shapes.
+  """
+  source = seg_sources.segmentation_source(config.data, config.data.eval_split)
+  acc = seg_eval.ConfusionAccumulator(config.data.num_classes)
+  panels = []
+  for i, ex in enumerate(seg_pipeline.segmentation_eval_examples(
+      source, scale=tuple(config.eval_scale), label_map=source.label_map, patch_size=config.patch_size)):
+    logits = predict(head_params, bb_params, bb_rest, jnp.asarray(ex['image'][None]))
+    h, w = ex['valid_size']
+    logits = logits[:, :h, :w]
+    label = ex['label']
+    logits = seg_head.upsample_logits(logits, label.shape[:2])
+    pred = np.asarray(jnp.argmax(logits[0], -1))
+    acc.update(pred, label)
+    if workdir and len(panels) < config.num_pictures:
+      panels.append((ex['original_image'], label, pred))
+  result = seg_eval.segmentation_metrics(acc.result())
+  if workdir and panels and jax.process_index() == 0:
+    palette = viz.seg_palette(config.data.num_classes)
+    images, labels, preds = zip(*panels)
+    viz.save_segmentation_panels(os.path.join(workdir, f'segmentation_step{step}.png'),
+                                 images, labels, preds, palette)
+  return result
+
+
+# -- the run -----------------------------------------------------------------------------------------
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
+  mesh = sharding.make_mesh(config.mesh, devices)
+  check_config(config, mesh)
+  repl = sharding.replicated(mesh)
+
+  # Frozen backbone, in evaluation mode (no drop path), replicated on every device.
+  backbone = loading.load(config.init)
+  bb_cfg = backbone.cfg
+  if config.get('size') and bb_cfg.width != vit.SIZES[config.size][0]:
+    raise ValueError(f'config.init={config.init} holds a width-{bb_cfg.width} backbone; the config '
+                     f'argument {config.size!r} expects width {vit.SIZES[config.size][0]}')
+  bb_graphdef, bb_params, bb_rest = nnx.split(backbone, nnx.Param, ...)
+  bb_params = jax.device_put(bb_params, sharding.tree_shardings(bb_params, mesh))
+
+  # Data.
+  train_source = seg_sources.segmentation_source(config.data, config.data.train_split)
+  train_iter = iter(seg_pipeline.segmentation_train_loader(
+      train_source, global_batch_size=config.batch_size, crop_size=config.crop_size,
+      scale=tuple(config.train_scale), ratio_range=tuple(config.ratio_range),
+      label_map=train_source.label_map, seed=config.seed, worker_count=config.input.worker_count))
+
+  # Head, optimizer, state.
+  new_head = lambda: seg_head.SegHead(bb_cfg.width, config.data.num_classes, hidden=config.head_hidden,
+                                      rngs=nnx.Rngs(config.seed))
+  head_graphdef, abstract_params = nnx.split(nnx.eval_shape(new_head), nnx.Param)
+  total = config.total_steps
+  schedule = optim.warmup_linear_decay(config.optim.lr, total, int(config.warmup_fraction * total),
+                                       config.optim.lr * config.optim.warmup_init_factor,
+                                       config.optim.lr * config.optim.end_factor)
+  tx = optim.adamw(schedule, config.optim, abstract_params)
+  abstract_state = common.abstract_train_state(abstract_params, tx)
+  shardings = common.state_shardings(abstract_state, mesh)
+  ckpt = checkpoint.TrainCheckpointer(workdir, save_every=config.checkpoint_every,
+                                      max_to_keep=config.keep_checkpoints)
+  init_fn = lambda: common.init_train_state(lambda: nnx.state(new_head(), nnx.Param), tx,
+                                            abstract_state, shardings)
+  state = common.restore_or_init(ckpt, train_iter, abstract_state, shardings, init_fn)
+  start_step = common.host_int(state['step'])
+  record = _JsonConfig(head_config(config, bb_cfg))
+
+  batch_sh = sharding.batch_sharding(mesh)
+  train_step = jax.jit(make_train_step(bb_graphdef, head_graphdef, tx, schedule),
+                       in_shardings=(shardings, None, repl, batch_sh), out_shardings=(shardings, None),
+                       donate_argnums=0)
+  predict = jax.jit(make_predict(bb_graphdef, head_graphdef))
+
+  if config.eval_only:
+    result = evaluate(predict, state['params'], bb_params, bb_rest, config, workdir, start_step)
+    _log_result(result, start_step, workdir)
+    return result
+
+  writer, progress = common.writer_for(workdir, total)
+  throughput = common.Throughput(config.batch_size)
+  guard = common.PreemptionGuard(ckpt)
+  scalars, result = {}, {}
+  try:
+    for step in range(start_step + 1, total + 1):
+      batch = sharding.to_global(next(train_iter), mesh)
+      state, device_scalars = train_step(state, bb_params, bb_rest, batch)
+      last = step == total
+      eval_due = last or (config.eval_every and step % config.eval_every == 0)
+      if step % config.log_every == 0 or eval_due or step % config.checkpoint_every == 0:
+        scalars = common.fetch_scalars(device_scalars)
+        common.check_finite(scalars, step)
+        scalars['img_per_s'] = throughput(step)
+        if eval_due:
+          result = evaluate(predict, state['params'], bb_params, bb_rest, config, workdir, step)
+          scalars.update(miou=result['miou'], pixel_acc=result['pixel_acc'])
+        writer.write(step, scalars)
+        progress.update(step, scalars)
+      ckpt.save(step, state, train_iter, record, force=last)
+      if guard.should_stop(step):
+        ckpt.save(step, state, train_iter, record, force=True)
+        ckpt.wait()
+        logging.warning('Stopped at step %d after SIGTERM; rerun the same command to resume.', step)
+        sys.exit(143)
+  finally:
+    ckpt.wait()
+    guard.close()
+    writer.close()
+    progress.close()
+  _log_result(result, total, workdir)
+  return result
+
+
+def _log_result(result: dict, step: int, workdir: str) -> None:
+  if jax.process_index() == 0 and result:
+    with open(os.path.join(workdir, f'eval_step{step}.json'), 'w') as f:
+      json.dump({k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in result.items()}, f)
+  logging.info('Step %d: mIoU %.4f, pixel accuracy %.4f.', step, result.get('miou', float('nan')),
+               result.get('pixel_acc', float('nan')))
