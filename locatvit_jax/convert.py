@@ -9,11 +9,16 @@ block index. Transforms are exact (transposes), so timm -> ours -> timm is bit-i
 
 from __future__ import annotations
 
+import argparse
+import os
 import re
 import sys
 from typing import Callable
 
+import jax
 import numpy as np
+
+from locatvit_jax import checkpoint, loading
 
 # (timm key, our path, transform name). Our paths address ViT's nnx.Param tree.
 RULES = [
@@ -62,52 +67,69 @@ _TIMM_RES = [(_regex(t), o, tr) for t, o, tr in RULES]
 _OURS_RES = [(_regex(o), t, tr) for t, o, tr in RULES]
 
 
-def timm_to_ours(state: dict[str, np.ndarray], gap: bool = False) -> tuple[dict[str, np.ndarray], list[str]]:
-  """Flat timm state dict -> flat {our/path: array}. Returns (converted, unmatched timm keys)."""
-  out, unmatched = {}, []
+def _pooling_has(timm_key: str, gap: bool) -> bool:
+  """timm names the final norm `norm` with class-token pooling and `fc_norm` with GAP; ours is `norm`."""
+  return not (timm_key.startswith('norm.') and gap or timm_key.startswith('fc_norm.') and not gap)
+
+
+def timm_to_ours(state: dict[str, np.ndarray], gap: bool = False) -> dict[str, np.ndarray]:
+  """Flat timm state dict -> flat {our/path: array}."""
+  out = {}
   for key, tensor in state.items():
     for pattern, ours, tr in _TIMM_RES:
       m = pattern.match(key)
-      if m:
-        if key.startswith('norm.') and gap or key.startswith('fc_norm.') and not gap:
-          unmatched.append(key)  # the norm that this pooling mode does not have
-        else:
-          out[ours.format(**m.groupdict())] = TRANSFORMS[tr][0](np.asarray(tensor))
+      if m and _pooling_has(key, gap):
+        out[ours.format(**m.groupdict())] = TRANSFORMS[tr][0](np.asarray(tensor))
         break
     else:
-      unmatched.append(key)
-  return out, unmatched
+      raise ValueError(f'no rule for timm key {key!r} with {"GAP" if gap else "class-token"} pooling')
+  return out
 
 
 def ours_to_timm(flat: dict[str, np.ndarray], gap: bool = False) -> dict[str, np.ndarray]:
-  """Flat {our/path: array} -> timm state dict (contiguous arrays, as safetensors needs)."""
+  """Flat {our/path: array} -> timm state dict. Transposes are views: safetensors needs them contiguous."""
   out = {}
   for path, tensor in flat.items():
     for pattern, timm_key, tr in _OURS_RES:
       m = pattern.match(path)
-      if m and not (timm_key.startswith('norm.') and gap or timm_key.startswith('fc_norm.') and not gap):
-        out[timm_key.format(**m.groupdict())] = np.ascontiguousarray(TRANSFORMS[tr][1](np.asarray(tensor)))
+      if m and _pooling_has(timm_key, gap):
+        out[timm_key.format(**m.groupdict())] = TRANSFORMS[tr][1](np.asarray(tensor))
         break
     else:
       raise ValueError(f'no timm name for our parameter {path!r}')
   return out
 
 
+def to_orbax(src: str, dst: str) -> None:
+  """Writes the params export of any load()-able checkpoint."""
+  model = loading.load(src)
+  checkpoint.save_params(dst, loading.get_params(model), model.cfg)
+
+
+def to_timm(src: str, dst: str) -> None:
+  """Writes a timm-layout .safetensors that the authors' code loads with load_state_dict."""
+  from safetensors.numpy import save_file
+  model = loading.load(src)
+  params = loading.flatten(jax.tree.map(np.asarray, loading.get_params(model)))
+  state = ours_to_timm(params, gap=model.cfg.pool == 'gap')
+  os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+  save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, dst)
+
+
 def main(argv=None) -> int:
-  import argparse
-
-  from locatvit_jax import loading
-
   parser = argparse.ArgumentParser(prog='python -m locatvit_jax.convert', description=__doc__.split('\n\n')[0])
   parser.add_argument('src', help='official .safetensors/.pth, HF-style dir, or our Orbax checkpoint')
   parser.add_argument('dst', help='Orbax params directory (default) or .safetensors file (--to-timm)')
   parser.add_argument('--to-timm', action='store_true', help='write a timm-layout .safetensors instead')
   args = parser.parse_args(argv)
   try:
-    if args.to_timm:
-      loading.export_timm(args.src, args.dst)
-    else:
-      loading.convert_to_orbax(args.src, args.dst)
+    # Checked before loading the source, which takes a while: the suffix tells the format meant.
+    if args.to_timm and not args.dst.endswith('.safetensors'):
+      raise ValueError(f'{args.dst}: --to-timm writes a .safetensors file; give a DST ending in .safetensors')
+    if not args.to_timm and args.dst.endswith('.safetensors'):
+      raise ValueError(f'{args.dst}: writing .safetensors needs --to-timm; '
+                       'without it DST is an Orbax directory')
+    (to_timm if args.to_timm else to_orbax)(args.src, args.dst)
   except (ValueError, FileNotFoundError, ImportError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1

@@ -13,6 +13,7 @@ patch, registers, classes, image size, GAug) and `config.json` (heads, PRR, pool
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from typing import Any
@@ -21,7 +22,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from locatvit_jax import checkpoint, convert
+from locatvit_jax import checkpoint
 from locatvit_jax.models.vit import SIZES, ViT, ViTConfig
 
 _TORCH_SUFFIXES = ('.pth', '.pt', '.bin')
@@ -67,22 +68,26 @@ def build_model(cfg: ViTConfig, params: dict | None = None, *, seed: int = 0) ->
   """
   if params is None:
     return ViT(cfg, rngs=nnx.Rngs(seed))
-  abstract = nnx.eval_shape(lambda: ViT(cfg, rngs=nnx.Rngs(seed)))
-  graphdef, abs_params, abs_rest = nnx.split(abstract, nnx.Param, ...)
-  expected = flatten(nnx.to_pure_dict(abs_params))
+  graphdef, abs_params, _ = nnx.split(nnx.eval_shape(lambda: ViT(cfg, rngs=nnx.Rngs(seed))), nnx.Param, ...)
   given = flatten(params) if any(isinstance(v, dict) for v in params.values()) else dict(params)
-  problems = [f'missing {k} {tuple(v.shape)}' for k, v in expected.items() if k not in given]
-  problems += [f'unexpected {k} {tuple(np.shape(v))}' for k, v in given.items() if k not in expected]
-  problems += [f'wrong shape {k}: got {tuple(np.shape(given[k]))}, expected {tuple(v.shape)}'
-               for k, v in expected.items() if k in given and tuple(np.shape(given[k])) != tuple(v.shape)]
-  if problems:
-    raise ValueError(f'checkpoint does not fit {_describe(cfg)}: ' + '; '.join(problems))
+  _check_shapes(flatten(nnx.to_pure_dict(abs_params)), given, cfg)
   # Non-parameter state (dropout RNG keys) is made under jit, where the unused param init is dropped.
   rest = jax.jit(lambda: nnx.split(ViT(cfg, rngs=nnx.Rngs(seed)), nnx.Param, ...)[2])()
   pure = nnx.to_pure_dict(abs_params)
   filled = _fill(pure, given, '')
   nnx.replace_by_pure_dict(abs_params, filled)
   return nnx.merge(graphdef, abs_params, rest)
+
+
+def _check_shapes(expected: dict[str, Any], given: dict[str, Any], cfg: ViTConfig) -> None:
+  """One ValueError naming every missing, unexpected and wrongly shaped tensor (flat dicts)."""
+  shape = lambda v: tuple(np.shape(v))
+  problems = [f'missing {k} {shape(v)}' for k, v in expected.items() if k not in given]
+  problems += [f'unexpected {k} {shape(v)}' for k, v in given.items() if k not in expected]
+  problems += [f'wrong shape {k}: got {shape(given[k])}, expected {shape(v)}'
+               for k, v in expected.items() if k in given and shape(given[k]) != shape(v)]
+  if problems:
+    raise ValueError(f'checkpoint does not fit {_describe(cfg)}: ' + '; '.join(problems))
 
 
 def _fill(pure, given, prefix):
@@ -123,11 +128,13 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 def infer_config(state: dict[str, np.ndarray], hf: dict | None = None, **overrides) -> ViTConfig:
   """Architecture from timm tensor shapes, refined by a config.json (`hf`) and explicit overrides."""
   hf = hf or {}
-  if 'patch_embed.proj.weight' not in state:
-    raise ValueError('not a ViT state dict: no patch_embed.proj.weight among '
-                     f'{sorted(state)[:8]}{"..." if len(state) > 8 else ""}')
+  for key in ('patch_embed.proj.weight', 'blocks.0.mlp.fc1.weight'):
+    if key not in state:
+      raise ValueError(f'not a ViT state dict: no {key} among '
+                       f'{sorted(state)[:8]}{"..." if len(state) > 8 else ""}')
   width, _, patch, _ = state['patch_embed.proj.weight'].shape
-  depth = len({int(m.group(1)) for k in state if (m := re.match(r'blocks\.(\d+)\.', k))})
+  # The highest index, not the count, so that a block missing in the middle is reported as missing.
+  depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r'blocks\.(\d+)\.', k)))
   gaug = 'blocks.0.attn.gaug.log_var.weight' in state
   if gaug:
     heads = width // state['blocks.0.attn.gaug.log_var.weight'].shape[1]
@@ -135,14 +142,18 @@ def infer_config(state: dict[str, np.ndarray], hf: dict | None = None, **overrid
     heads = hf.get('num_heads') or next((s[2] for s in SIZES.values() if s[0] == width), width // 64)
   pool = 'gap' if 'fc_norm.weight' in state or hf.get('global_pool') == 'avg' else 'token'
   reg = state['reg_token'].shape[1] if 'reg_token' in state else int(hf.get('reg_tokens', 0))
-  prefix = (pool == 'token') + reg
-  img = hf.get('img_size')
-  if 'pos_embed' in state and img is None:
-    side = int(round((state['pos_embed'].shape[1] - prefix) ** 0.5))
+  img = overrides.get('img_size') or hf.get('img_size')
+  if img is None and 'pos_embed' in state:
+    n = state['pos_embed'].shape[1] - (pool == 'token') - reg
+    side = math.isqrt(n)
+    if side * side != n:
+      raise ValueError(f'pos_embed has {n} patch positions, not a square grid; give the image size it was '
+                       'built for: load(path, img_size=(height, width))')
     img = side * patch
   arch = str(hf.get('architecture', ''))
   cfg = dict(width=width, depth=depth, num_heads=heads, mlp_dim=state['blocks.0.mlp.fc1.weight'].shape[0],
-             patch_size=patch, img_size=img or 224, num_classes=state['head.weight'].shape[0] if 'head.weight' in state else 0,
+             patch_size=patch, img_size=img or 224,
+             num_classes=state['head.weight'].shape[0] if 'head.weight' in state else 0,
              gaug=gaug, prr=hf.get('prr', arch.startswith('locat') or gaug), pool=pool,
              pos_embed='learn' if 'pos_embed' in state else 'none', reg_tokens=reg, drop_path=0.0)
   cfg.update(overrides)
@@ -150,11 +161,18 @@ def infer_config(state: dict[str, np.ndarray], hf: dict | None = None, **overrid
 
 
 def _timm_model(state, hf, overrides) -> ViT:
+  # Imported here: were it imported with the package, `python -m locatvit_jax.convert` would warn
+  # that the module it runs is already imported.
+  from locatvit_jax import convert
+
   cfg = infer_config(state, hf, **overrides)
-  flat, unmatched = convert.timm_to_ours(state, gap=cfg.pool == 'gap')
-  if unmatched:
-    raise ValueError(f'checkpoint has tensors we do not know: {sorted(unmatched)}')
-  return build_model(cfg, flat)
+  gap = cfg.pool == 'gap'
+  # Checked in the file's own names and layouts, so that errors name the tensors the user has.
+  # Zero-stride views give the expected timm shapes without allocating any parameter.
+  abstract = flatten(nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: ViT(cfg, rngs=nnx.Rngs(0))), nnx.Param)))
+  views = {k: np.broadcast_to(np.zeros((), v.dtype), v.shape) for k, v in abstract.items()}
+  _check_shapes(convert.ours_to_timm(views, gap=gap), state, cfg)
+  return build_model(cfg, convert.timm_to_ours(state, gap=gap))
 
 
 # -- the public entry ------------------------------------------------------------------------------
@@ -171,7 +189,10 @@ def load_with_config(path: str, **overrides) -> ViT:
   hf_path = os.path.join(path, 'config.json')
   for weights in ('model.safetensors', 'pytorch_model.bin'):
     if os.path.isfile(os.path.join(path, weights)):
-      hf = json.load(open(hf_path)) if os.path.isfile(hf_path) else {}
+      hf = {}
+      if os.path.isfile(hf_path):
+        with open(hf_path) as f:
+          hf = json.load(f)
       return _timm_model(read_state_dict(os.path.join(path, weights)), hf, overrides)
   raise ValueError(f'{path}: found neither params/ + model_config.json, training checkpoints, '
                    'nor config.json + model.safetensors')
@@ -185,20 +206,3 @@ def load(path: str, **overrides) -> ViT:
   model = load_with_config(path, **overrides)
   model.eval()
   return model
-
-
-def convert_to_orbax(src: str, dst: str) -> None:
-  model = load(src)
-  checkpoint.save_params(dst, get_params(model), model.cfg)
-
-
-def export_timm(src: str, dst: str) -> None:
-  """Writes a timm-layout .safetensors that the authors' code loads with load_state_dict."""
-  from safetensors.numpy import save_file
-  if not dst.endswith('.safetensors'):
-    raise ValueError(f'{dst}: --to-timm writes a .safetensors file; give a path ending in .safetensors')
-  model = load(src)
-  state = convert.ours_to_timm(flatten(jax.tree.map(np.asarray, get_params(model))),
-                               gap=model.cfg.pool == 'gap')
-  os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-  save_file(state, dst)

@@ -67,6 +67,12 @@ class ViTConfig:
 
   def __post_init__(self):
     object.__setattr__(self, 'img_size', _pair(self.img_size))
+    positive = {'width': self.width, 'depth': self.depth, 'num_heads': self.num_heads,
+                'mlp_dim': self.mlp_dim, 'patch_size': self.patch_size,
+                'img_size': min(self.img_size)}
+    for name, value in positive.items():
+      if value <= 0:
+        raise ValueError(f'{name}={getattr(self, name)}; expected > 0')
     checks = [
         (self.width % self.num_heads == 0, f'width={self.width} must be a multiple of num_heads={self.num_heads}'),
         (self.pool in ('token', 'gap'), f"pool={self.pool!r}; expected 'token' or 'gap'"),
@@ -77,7 +83,8 @@ class ViTConfig:
         (all(s % self.patch_size == 0 for s in self.img_size),
          f'img_size={self.img_size} must be a multiple of patch_size={self.patch_size}'),
         (0.0 <= self.drop_path < 1.0, f'drop_path={self.drop_path}; expected 0 <= drop_path < 1'),
-        (self.reg_tokens >= 0 and self.num_classes >= 0, 'reg_tokens and num_classes must be >= 0'),
+        (self.reg_tokens >= 0, f'reg_tokens={self.reg_tokens}; expected >= 0'),
+        (self.num_classes >= 0, f'num_classes={self.num_classes}; expected >= 0'),
     ]
     for ok, msg in checks:
       if not ok:

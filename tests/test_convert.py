@@ -1,0 +1,174 @@
+"""The convert CLI and the key rules: official -> ours -> official bit for bit, and the params export
+that any JAX program reads with Orbax alone."""
+
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+import locatvit_jax
+from locatvit_jax import convert, loading
+from locatvit_jax.models import vit
+from tests.conftest import REPO
+
+# The documented export layout (README, "Params on disk"), written out independently of
+# convert.RULES: our path -> (timm key, axis permutation taking the timm tensor to ours).
+LINEAR, CONV = (1, 0), (2, 3, 1, 0)  # (out, in) -> (in, out); OIHW -> HWIO
+TOP_LEVEL = {
+    'patch_embed/kernel': ('patch_embed.proj.weight', CONV),
+    'patch_embed/bias': ('patch_embed.proj.bias', None),
+    'cls_token': ('cls_token', None),
+    'pos_embed': ('pos_embed', None),
+    'norm/scale': ('norm.weight', None),
+    'norm/bias': ('norm.bias', None),
+    'head/kernel': ('head.weight', LINEAR),
+    'head/bias': ('head.bias', None),
+}
+PER_BLOCK = {
+    'norm1/scale': ('norm1.weight', None),
+    'norm1/bias': ('norm1.bias', None),
+    'attn/qkv/kernel': ('attn.qkv.weight', LINEAR),
+    'attn/qkv/bias': ('attn.qkv.bias', None),
+    'attn/proj/kernel': ('attn.proj.weight', LINEAR),
+    'attn/proj/bias': ('attn.proj.bias', None),
+    'attn/gaug/var_proj/kernel': ('attn.gaug.log_var.weight', LINEAR),
+    'attn/gaug/var_proj/bias': ('attn.gaug.log_var.bias', None),
+    'attn/gaug/alpha_proj/kernel': ('attn.gaug.log_alpha.weight', LINEAR),
+    'attn/gaug/alpha_proj/bias': ('attn.gaug.log_alpha.bias', None),
+    'norm2/scale': ('norm2.weight', None),
+    'norm2/bias': ('norm2.bias', None),
+    'mlp/fc1/kernel': ('mlp.fc1.weight', LINEAR),
+    'mlp/fc1/bias': ('mlp.fc1.bias', None),
+    'mlp/fc2/kernel': ('mlp.fc2.weight', LINEAR),
+    'mlp/fc2/bias': ('mlp.fc2.bias', None),
+}
+DOCUMENTED_LAYOUT = {**TOP_LEVEL, **{f'blocks/{i}/{ours}': (f'blocks.{i}.{timm}', perm)
+                                     for i in range(12) for ours, (timm, perm) in PER_BLOCK.items()}}
+
+# Runs in a fresh interpreter: restores DIR/params as the checkpoint docstring says any JAX
+# program can, and writes what it found as '/'-joined keys.
+ORBAX_ONLY = '''
+import os, sys
+import jax, numpy as np, orbax.checkpoint as ocp
+from safetensors.numpy import save_file
+
+params = ocp.StandardCheckpointer().restore(os.path.abspath(sys.argv[1]))
+flat, odd = {}, []
+def walk(node, prefix):
+  for key, value in node.items():
+    path = prefix + str(key)
+    if not isinstance(key, str):
+      odd.append(f'non-string key {path}')
+    if isinstance(value, dict):
+      walk(value, path + '/')
+    elif isinstance(value, (np.ndarray, jax.Array)):
+      flat[path] = np.asarray(value)
+    else:
+      odd.append(f'{path} is a {type(value).__name__}')
+walk(params, '')
+save_file(flat, sys.argv[2])
+print('; '.join(odd) or 'plain')
+assert 'locatvit_jax' not in sys.modules, 'the reader imported locatvit_jax'
+'''
+
+
+def run_cli(*args):
+  return subprocess.run([sys.executable, '-m', 'locatvit_jax.convert', *map(str, args)], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope='module')
+def official(parity_dir):
+  return load_file(parity_dir / 'model.safetensors')
+
+
+@pytest.fixture(scope='module')
+def cli_round_trip(parity_dir, tmp_path_factory):
+  """official -> our params export -> timm .safetensors, through the CLI as users run it."""
+  tmp = tmp_path_factory.mktemp('cli')
+  export, back = tmp / 'export', tmp / 'back.safetensors'
+  for args in ((parity_dir / 'model.safetensors', export), (export, back, '--to-timm')):
+    done = run_cli(*args)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f'wrote {args[1]}\n'
+    assert 'Warning' not in done.stderr, done.stderr  # e.g. runpy's "found in sys.modules"
+  return export, back
+
+
+def test_cli_round_trip_is_bit_identical(cli_round_trip, official):
+  back = load_file(cli_round_trip[1])
+  assert sorted(back) == sorted(official)
+  for key, tensor in official.items():
+    assert (back[key].dtype, back[key].shape) == (tensor.dtype, tensor.shape), key
+    assert back[key].tobytes() == tensor.tobytes(), key
+
+
+def test_export_reproduces_the_reference_logits(cli_round_trip, parity_dir):
+  reference = np.load(parity_dir / 'reference.npz')
+  model = locatvit_jax.load(cli_round_trip[0])
+  logits = nnx.jit(lambda m, x: m(x))(model, reference['images_224'])
+  assert np.abs(logits - reference['logits_224']).max() / np.abs(reference['logits_224']).max() <= 1e-4
+
+
+def test_export_restores_with_orbax_alone(cli_round_trip, official, tmp_path):
+  found = tmp_path / 'found.safetensors'
+  done = subprocess.run([sys.executable, '-c', ORBAX_ONLY, cli_round_trip[0] / 'params', found],
+                        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.strip() == 'plain'
+  restored = load_file(found)
+  assert sorted(restored) == sorted(DOCUMENTED_LAYOUT)
+  for ours, (timm, perm) in DOCUMENTED_LAYOUT.items():
+    want = official[timm] if perm is None else official[timm].transpose(perm)
+    assert restored[ours].dtype == want.dtype, ours
+    np.testing.assert_array_equal(restored[ours], want, err_msg=ours)
+
+
+@pytest.mark.parametrize('overrides', [dict(pool='gap'), dict(reg_tokens=4)], ids=['gap', 'registers'])
+def test_variants_round_trip_through_the_timm_layout(overrides, tmp_path):
+  model = vit.create_model('locatvit_ti16', num_classes=5, img_size=64, width=64, depth=2, num_heads=2,
+                           mlp_dim=128, drop_path=0.0, seed=3, **overrides)
+  ours = loading.flatten(jax.tree.map(np.asarray, loading.get_params(model)))
+  gap = model.cfg.pool == 'gap'
+  timm = convert.ours_to_timm(ours, gap=gap)
+  if gap:  # timm's GAP model: no class token, the final norm after pooling is `fc_norm`
+    assert 'cls_token' not in timm and 'norm.weight' not in timm and timm['fc_norm.weight'].shape == (64,)
+    assert timm['pos_embed'].shape == (1, 16, 64)
+  else:
+    assert timm['reg_token'].shape == (1, 4, 64) and timm['pos_embed'].shape == (1, 1 + 4 + 16, 64)
+  back = convert.timm_to_ours(timm, gap=gap)
+  assert sorted(back) == sorted(ours)
+  for path, value in ours.items():
+    assert back[path].tobytes() == value.tobytes() and back[path].shape == value.shape, path
+  save_file({k: np.ascontiguousarray(v) for k, v in timm.items()}, tmp_path / 'model.safetensors')
+  loaded = locatvit_jax.load(tmp_path / 'model.safetensors')
+  assert loaded.cfg == model.cfg
+  jax.tree.map(np.testing.assert_array_equal, loading.get_params(loaded), loading.get_params(model))
+
+
+def test_key_rules_reject_what_they_do_not_know():
+  with pytest.raises(ValueError, match=r"no rule for timm key 'blocks.0.attn.q_norm.weight' with class-token"):
+    convert.timm_to_ours({'blocks.0.attn.q_norm.weight': np.zeros(4)})
+  with pytest.raises(ValueError, match=r"no rule for timm key 'norm.weight' with GAP pooling"):
+    convert.timm_to_ours({'norm.weight': np.zeros(4)}, gap=True)
+  with pytest.raises(ValueError, match=r"no timm name for our parameter 'blocks/0/attn/extra/kernel'"):
+    convert.ours_to_timm({'blocks/0/attn/extra/kernel': np.zeros(4)})
+
+
+@pytest.mark.parametrize('args, message', [
+    (('{tmp}/missing.safetensors', '{tmp}/out'), 'missing.safetensors: no such file or directory'),
+    (('{tmp}/notes.txt', '{tmp}/out'), 'notes.txt: unknown checkpoint file type'),
+    (('{tmp}', '{tmp}/out'), 'found neither params/'),
+    (('{tmp}/notes.txt', '{tmp}/out.safetensors'), 'out.safetensors: writing .safetensors needs --to-timm'),
+    (('{tmp}/notes.txt', '{tmp}/out', '--to-timm'), 'out: --to-timm writes a .safetensors file'),
+])
+def test_cli_errors_are_one_line(args, message, tmp_path, capsys):
+  (tmp_path / 'notes.txt').write_text('not a checkpoint')
+  assert convert.main([a.format(tmp=tmp_path) for a in args]) == 1
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and err.startswith('error: ') and message in err, err
+  assert not (tmp_path / 'out').exists() and not (tmp_path / 'out.safetensors').exists()

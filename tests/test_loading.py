@@ -1,0 +1,160 @@
+"""`load()`: parity with the authors' model, architecture inference, and every way a load can fail."""
+
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+import locatvit_jax
+from locatvit_jax import convert, loading
+from locatvit_jax.models import vit
+
+FORWARD = nnx.jit(lambda model, images: (model(images), model.features(images)))
+
+
+def relative_error(got, ref):
+  return np.abs(np.asarray(got) - ref).max() / np.abs(ref).max()
+
+
+@pytest.fixture(scope='module')
+def reference(parity_dir):
+  return dict(np.load(parity_dir / 'reference.npz'))
+
+
+@pytest.fixture(scope='module')
+def parity_model(parity_dir):
+  return locatvit_jax.load(parity_dir)
+
+
+@pytest.fixture(scope='module')
+def parity_state(parity_dir):
+  return load_file(parity_dir / 'model.safetensors')
+
+
+def write_timm(path, model):
+  """`model` as the authors' timm-layout .safetensors."""
+  params = loading.flatten(jax.tree.map(np.asarray, loading.get_params(model)))
+  state = convert.ours_to_timm(params, gap=model.cfg.pool == 'gap')
+  save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path)
+  return path
+
+
+def tiny_model(**overrides):
+  return vit.create_model('locatvit_ti16', num_classes=5, width=64, depth=2, num_heads=2, mlp_dim=128,
+                          drop_path=0.0, **overrides)
+
+
+# -- the authors' checkpoint ----------------------------------------------------------------------
+def test_parity_config_is_inferred_from_tensors_and_config_json(parity_model):
+  assert parity_model.cfg == vit.ViTConfig(width=192, depth=12, num_heads=3, mlp_dim=768, patch_size=16,
+                                           img_size=224, num_classes=10, gaug=True, prr=True)
+
+
+@pytest.mark.parametrize('resolution', ['224', 'dyn'])
+def test_parity_with_the_authors_model(parity_model, reference, resolution):
+  logits, feats = FORWARD(parity_model, reference[f'images_{resolution}'])
+  assert relative_error(logits, reference[f'logits_{resolution}']) <= 1e-4
+  assert relative_error(feats, reference[f'features_{resolution}']) <= 1e-4
+
+
+def test_safetensors_file_alone_gives_the_same_model(parity_dir, parity_model, reference):
+  model = locatvit_jax.load(parity_dir / 'model.safetensors')  # no config.json: all from the tensors
+  assert model.cfg == parity_model.cfg
+  jax.tree.map(np.testing.assert_array_equal, loading.get_params(model), loading.get_params(parity_model))
+  logits, _ = FORWARD(model, reference['images_224'])
+  assert relative_error(logits, reference['logits_224']) <= 1e-4
+
+
+def test_overrides_win_over_inference(tmp_path):
+  path = write_timm(tmp_path / 'tiny.safetensors', tiny_model())
+  model = locatvit_jax.load(path, prr=False, dtype='bfloat16')
+  assert (model.cfg.prr, model.cfg.dtype, model.cfg.gaug) == (False, 'bfloat16', True)
+
+
+def test_mismatched_checkpoint_reports_every_tensor_at_once(parity_state, tmp_path):
+  state = dict(parity_state)
+  del state['blocks.3.attn.qkv.bias'], state['blocks.9.attn.gaug.log_alpha.weight']
+  state['blocks.5.attn.extra.weight'] = np.zeros((4, 4), np.float32)
+  state['blocks.7.mlp.fc2.weight'] = np.zeros((192, 100), np.float32)
+  save_file(state, tmp_path / 'bad.safetensors')
+  with pytest.raises(ValueError) as info:
+    locatvit_jax.load(tmp_path / 'bad.safetensors')
+  message = str(info.value)
+  assert '\n' not in message
+  assert message.startswith('checkpoint does not fit width=192 depth=12 heads=3 patch=16 classes=10 gaug=True')
+  for problem in ('missing blocks.3.attn.qkv.bias (576,)', 'missing blocks.9.attn.gaug.log_alpha.weight (1, 64)',
+                  'unexpected blocks.5.attn.extra.weight (4, 4)',
+                  'wrong shape blocks.7.mlp.fc2.weight: got (192, 100), expected (192, 768)'):
+    assert problem in message
+  assert message.count('; ') == 3
+
+
+def test_build_model_reports_our_names(tmp_path):
+  model = tiny_model()
+  params = loading.flatten(loading.get_params(model))
+  params['head/kernel'] = params.pop('head/kernel')[:, :3]
+  del params['blocks/1/attn/gaug/var_proj/bias']
+  params['blocks/1/attn/extra'] = np.zeros(3)
+  with pytest.raises(ValueError, match=r'missing blocks/1/attn/gaug/var_proj/bias \(2,\); '
+                     r'unexpected blocks/1/attn/extra \(3,\); '
+                     r'wrong shape head/kernel: got \(64, 3\), expected \(64, 5\)$'):
+    loading.build_model(model.cfg, params)
+
+
+def test_build_model_takes_nested_or_flat_params():
+  model = tiny_model()
+  nested = loading.get_params(model)
+  from_nested = loading.build_model(model.cfg, nested)
+  from_flat = loading.build_model(model.cfg, loading.flatten(nested))
+  jax.tree.map(np.testing.assert_array_equal, loading.get_params(from_flat), loading.get_params(from_nested))
+  jax.tree.map(np.testing.assert_array_equal, loading.get_params(from_nested), nested)
+
+
+def test_non_square_position_embedding_needs_the_image_size(tmp_path):
+  model = tiny_model(img_size=(64, 96))
+  path = write_timm(tmp_path / 'wide.safetensors', model)
+  with pytest.raises(ValueError, match=r'pos_embed has 24 patch positions, not a square grid; .*img_size='):
+    locatvit_jax.load(path)
+  assert locatvit_jax.load(path, img_size=(64, 96)).cfg == model.cfg
+
+
+# -- paths that are not checkpoints -------------------------------------------------------------
+@pytest.mark.parametrize('name', ['model.pth', 'model.pt', 'model.bin', 'hf_dir/pytorch_model.bin'])
+def test_torch_files_without_torch_say_how_to_proceed(tmp_path, monkeypatch, name):
+  path = tmp_path / name
+  path.parent.mkdir(exist_ok=True)
+  path.write_bytes(b'not read: the import fails first')
+  monkeypatch.setitem(sys.modules, 'torch', None)  # makes `import torch` fail even where it is installed
+  target = path.parent if path.name == 'pytorch_model.bin' else path  # an HF-style directory
+  with pytest.raises(ImportError, match=r'needs PyTorch, which is not installed: `pip install torch`, '
+                     r'or convert it to \.safetensors'):
+    locatvit_jax.load(target)
+
+
+def test_unknown_file_suffix(tmp_path):
+  path = tmp_path / 'model.ckpt'
+  path.write_bytes(b'')
+  with pytest.raises(ValueError, match=r'model\.ckpt: unknown checkpoint file type; expected \.safetensors, '
+                     r'\.pth, \.pt or \.bin'):
+    locatvit_jax.load(path)
+
+
+def test_directory_with_nothing_loadable(tmp_path):
+  (tmp_path / 'config.json').write_text('{}')
+  with pytest.raises(ValueError, match='found neither params/ \\+ model_config.json, training checkpoints, '
+                     'nor config.json \\+ model.safetensors'):
+    locatvit_jax.load(tmp_path)
+
+
+def test_missing_path(tmp_path):
+  with pytest.raises(FileNotFoundError, match='nope: no such file or directory'):
+    locatvit_jax.load(tmp_path / 'nope')
+
+
+def test_state_dict_that_is_not_a_vit(tmp_path):
+  save_file({'fc.weight': np.zeros((2, 2), np.float32)}, tmp_path / 'mlp.safetensors')
+  with pytest.raises(ValueError, match=r"not a ViT state dict: no patch_embed.proj.weight among \['fc.weight'\]"):
+    locatvit_jax.load(tmp_path / 'mlp.safetensors')

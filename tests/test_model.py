@@ -1,0 +1,305 @@
+"""The model: GAug against the spec's formulas, parameter counts, shapes, ablation switches, errors."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from locatvit_jax import loading
+from locatvit_jax.models import locat, vit
+
+# Tiny widths keep every forward pass well under a second on CPU; head_dim 32, not 64.
+TINY = dict(width=64, depth=2, num_heads=2, mlp_dim=128, drop_path=0.0)
+FORWARD = nnx.jit(lambda model, images: (model(images), model.features(images)))
+
+
+def images(batch, height, width, seed=0):
+  return np.random.default_rng(seed).normal(size=(batch, height, width, 3)).astype(np.float32)
+
+
+def tiny_model(seed=0, **overrides):
+  return vit.create_model('locatvit_ti16', num_classes=7, seed=seed, **{**TINY, **overrides})
+
+
+def rebuild(model, **overrides):
+  """A model of the same parameters with other config fields (dtype, remat, drop path, PRR)."""
+  return loading.build_model(dataclasses.replace(model.cfg, **overrides), loading.get_params(model))
+
+
+# -- GAug against a direct NumPy computation of spec section 2 ---------------------------------------
+def gaug_numpy(q, var_kernel, var_bias, alpha_kernel, alpha_bias, grid0, grid):
+  """Steps 1-3 of the spec in float64: var (..., 2) and alpha (...)."""
+  c = max(grid0) ** 2
+  z = q @ var_kernel + var_bias - np.log(c - 1)
+  var = c / (1 + np.exp(-z))
+  if tuple(grid) != tuple(grid0):
+    var = var * min(grid) / min(grid0)
+  alpha = np.log1p(np.exp(q @ alpha_kernel + alpha_bias))[..., 0]
+  return var, alpha
+
+
+def bias_numpy(var, alpha, grid, grid0, eps, num_prefix):
+  """Steps 4-6 of the spec: the full (B, H, N, N) bias from the (N, N, 2) squared-distance tensor."""
+  h, w = grid
+  pos = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing='ij'), -1).reshape(h * w, 2)
+  d = np.minimum((pos[:, None, :] - pos[None, :, :]) ** 2, (max(grid0) - 1) ** 2)
+  g = np.exp(-np.sum(0.5 * d / (var[..., :, None, :] + eps), axis=-1))
+  n = num_prefix + h * w
+  s = np.zeros(var.shape[:2] + (n, n))
+  s[..., num_prefix:, num_prefix:] = alpha[..., None] * g
+  return s
+
+
+def random_gaug(head_dim, grid0, seed=0):
+  """A GAug whose layers are drawn large, so that var and alpha spread over their ranges."""
+  gaug = locat.GAug(head_dim, locat.GAugGeometry(grid0), rngs=nnx.Rngs(seed))
+  rng = np.random.default_rng(seed)
+  for layer in (gaug.var_proj, gaug.alpha_proj):
+    layer.kernel[...] = rng.normal(0, 0.3, layer.kernel.shape).astype(np.float32)
+    layer.bias[...] = rng.normal(0, 1.0, layer.bias.shape).astype(np.float32)
+  return gaug
+
+
+def random_var_alpha(grid, seed=0):
+  rng = np.random.default_rng(seed)
+  hw = grid[0] * grid[1]
+  var = np.exp(rng.uniform(-3, 4, (2, 3, hw, 2))).astype(np.float32)  # 0.05 .. 55 patches^2
+  alpha = rng.uniform(0, 3, (2, 3, hw)).astype(np.float32)
+  return var, alpha
+
+
+@pytest.mark.parametrize('grid', [(14, 14), (10, 18), (20, 24)])
+def test_gaug_module_matches_the_spec_formula(grid):
+  gaug = random_gaug(16, (14, 14))
+  q = np.random.default_rng(1).normal(0, 2, (2, 3, grid[0] * grid[1], 16)).astype(np.float32)
+  var, alpha = gaug(jnp.asarray(q), grid)
+  weights = [np.asarray(p[...], np.float64) for p in (
+      gaug.var_proj.kernel, gaug.var_proj.bias, gaug.alpha_proj.kernel, gaug.alpha_proj.bias)]
+  want_var, want_alpha = gaug_numpy(q.astype(np.float64), *weights, (14, 14), grid)
+  np.testing.assert_allclose(var, want_var, rtol=2e-5)
+  np.testing.assert_allclose(alpha, want_alpha, rtol=2e-5, atol=1e-6)
+  assert var.dtype == alpha.dtype == jnp.float32
+
+
+def test_gaug_variance_follows_the_shorter_side_of_the_grid():
+  gaug = random_gaug(16, (14, 14))
+  q = np.random.default_rng(1).normal(0, 2, (1, 1, 12, 16)).astype(np.float32)  # same queries at every grid
+  built, _ = gaug(q, (14, 14))
+  np.testing.assert_allclose(gaug(q, (10, 18))[0], built * 10 / 14, rtol=1e-6)
+  np.testing.assert_allclose(gaug(q, (28, 21))[0], built * 21 / 14, rtol=1e-6)
+
+
+@pytest.mark.parametrize('grid0', [(14, 14), (32, 32), (4, 6)])
+def test_variance_is_one_patch_when_the_linear_output_is_zero(grid0):
+  gaug = locat.GAug(8, locat.GAugGeometry(grid0), rngs=nnx.Rngs(0))
+  gaug.var_proj.kernel[...] = jnp.zeros_like(gaug.var_proj.kernel[...])
+  var, _ = gaug(jnp.ones((1, 1, 5, 8)), grid0)
+  np.testing.assert_allclose(var, 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize('grid0, eps', [((14, 14), 0.1), ((32, 32), 0.2), ((14, 32), 0.2), ((4, 4), 0.1)])
+def test_kernel_eps(grid0, eps):
+  assert locat.GAugGeometry(grid0).eps == pytest.approx(eps, rel=1e-12)
+
+
+@pytest.mark.parametrize('grid0, grid, num_prefix', [
+    ((4, 4), (4, 4), 1),  # the built grid
+    ((4, 4), (3, 6), 5),  # class token + 4 registers, a smaller and non-square grid
+    ((4, 4), (7, 5), 0),  # a larger grid: the distance clamp is active
+    ((14, 14), (3, 4), 1),
+])
+def test_dense_bias_matches_the_spec_formula(grid0, grid, num_prefix):
+  var, alpha = random_var_alpha(grid)
+  geometry = locat.GAugGeometry(grid0)
+  got = locat.dense_bias(var, alpha, grid, geometry, num_prefix)
+  want = bias_numpy(var.astype(np.float64), alpha.astype(np.float64), grid, grid0, geometry.eps, num_prefix)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_dense_bias_is_zero_on_prefix_tokens_and_between_zero_and_alpha():
+  grid, p = (5, 6), 3
+  var, alpha = random_var_alpha(grid)
+  s = np.asarray(locat.dense_bias(var, alpha, grid, locat.GAugGeometry((14, 14)), p))
+  assert s.shape == (2, 3, p + 30, p + 30)
+  assert not s[..., :p, :].any() and not s[..., :, :p].any()
+  patches = s[..., p:, p:]
+  assert patches.min() >= 0 and (patches <= alpha[..., None]).all()
+  np.testing.assert_array_equal(np.diagonal(patches, axis1=-2, axis2=-1), alpha)
+
+
+def test_far_tokens_see_exactly_the_clamped_distance():
+  grid0, grid = (4, 4), (8, 8)  # built for 4x4: per-axis squared distances clamp at 3^2
+  var, alpha = random_var_alpha(grid)
+  geometry = locat.GAugGeometry(grid0)
+  s = np.asarray(locat.dense_bias(var, alpha, grid, geometry, 0))[0, 0, 0].reshape(grid)  # query (0, 0)
+  v = var[0, 0, 0].astype(np.float64) + geometry.eps
+  floor = alpha[0, 0, 0] * np.exp(-0.5 * 9 / v[0] - 0.5 * 9 / v[1])
+  far = s[3:, 3:]  # at least 3 rows and 3 columns away
+  np.testing.assert_array_equal(far, np.full_like(far, far[0, 0]))
+  np.testing.assert_allclose(far[0, 0], floor, rtol=1e-5)
+  assert s[2, 2] > far[0, 0] and s[7, 2] == s[3, 2] and s[2, 7] == s[2, 3]  # per axis, not jointly
+
+
+# -- parameter counts (abstract models: nothing allocated) -----------------------------------------
+# timm's vit_{tiny,small,base,large}_patch16_224 with 1000 classes.
+TIMM_VIT_PARAMS = {'ti': 5_717_416, 's': 22_050_664, 'b': 86_567_656, 'l': 304_326_632}
+
+
+@functools.cache
+def count_params(name, **overrides):
+  model = nnx.eval_shape(lambda: vit.create_model(name, **overrides))
+  return sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+@pytest.mark.parametrize('name', vit.MODEL_NAMES)
+def test_every_model_name_builds_with_the_expected_parameter_count(name):
+  kind, size = name.removesuffix('16').split('_')
+  depth = vit.SIZES[size][1]
+  assert count_params(name) == TIMM_VIT_PARAMS[size] + (195 * depth if kind == 'locatvit' else 0)
+
+
+@pytest.mark.parametrize('size', ['ti', 's', 'b'])
+def test_gaug_adds_2340_parameters_and_prr_none(size):
+  assert count_params(f'locatvit_{size}16', prr=False) - count_params(f'vit_{size}16') == 2340
+  assert count_params(f'locatvit_{size}16') == count_params(f'locatvit_{size}16', prr=False)
+
+
+@pytest.mark.parametrize('overrides, delta', [
+    (dict(pool='gap'), -2 * 192),  # no class token, no position row for it
+    (dict(pos_embed='none'), -197 * 192),
+    (dict(reg_tokens=4), 2 * 4 * 192),  # the tokens and their position rows
+    (dict(num_classes=0), -(192 * 1000 + 1000)),
+])
+def test_variant_parameter_counts(overrides, delta):
+  # One block is enough: no variant touches the blocks.
+  assert count_params('vit_ti16', depth=1, **overrides) == count_params('vit_ti16', depth=1) + delta
+
+
+# -- forward passes ------------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def tiny():
+  model = tiny_model()
+  model.eval()
+  return model
+
+
+@pytest.mark.parametrize('size', [(224, 224), (160, 288), (96, 96)])
+def test_shapes_at_several_resolutions(tiny, size):
+  logits, feats = FORWARD(tiny, images(2, *size))
+  assert logits.shape == (2, 7)
+  assert feats.shape == (2, size[0] // 16, size[1] // 16, 64)
+  assert np.isfinite(logits).all() and np.isfinite(feats).all()
+
+
+def test_features_of_listed_layers(tiny):
+  x = images(2, 64, 96)
+  first, last = nnx.jit(lambda m, x: m.features(x, layers=[0, -1]))(tiny, x)
+  np.testing.assert_array_equal(last, FORWARD(tiny, x)[1])
+  # Block 0's output is what a one-block model with the same first block computes.
+  params = loading.flatten(loading.get_params(tiny))
+  one_block = loading.build_model(dataclasses.replace(tiny.cfg, depth=1),
+                                  {k: v for k, v in params.items() if not k.startswith('blocks/1/')})
+  np.testing.assert_allclose(first, FORWARD(one_block, x)[1], rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match=r'layers \[2, -3\] out of range; the model has 2 blocks'):
+    tiny.features(x, layers=[0, 2, -3])
+
+
+@pytest.mark.parametrize('overrides', [
+    dict(gaug=False, prr=False),  # plain ViT
+    dict(gaug=True, prr=False),
+    dict(gaug=False, prr=True),
+    dict(pool='gap'),
+    dict(pos_embed='none'),
+    dict(reg_tokens=4),
+], ids=['vit', 'gaug_only', 'prr_only', 'gap', 'no_pos_embed', 'registers'])
+def test_ablation_switches_run(overrides):
+  model = tiny_model(**overrides)
+  model.eval()
+  logits, feats = FORWARD(model, images(2, 64, 96))
+  assert logits.shape == (2, 7) and feats.shape == (2, 4, 6, 64)
+  assert np.isfinite(logits).all() and np.isfinite(feats).all()
+
+
+def test_prr_changes_logits_never_features(tiny):
+  no_prr = rebuild(tiny, prr=False)
+  x = images(2, 64, 96)
+  logits, feats = FORWARD(tiny, x)
+  logits_no_prr, feats_no_prr = FORWARD(no_prr, x)
+  np.testing.assert_array_equal(feats, feats_no_prr)
+  assert np.abs(logits - logits_no_prr).max() > 1e-3
+
+
+def test_bfloat16_compute_stays_close_to_float32(tiny):
+  bf16 = rebuild(tiny, dtype='bfloat16')
+  bf16.eval()
+  assert {p.dtype for p in jax.tree.leaves(nnx.state(bf16, nnx.Param))} == {jnp.dtype('float32')}
+  x = images(2, 64, 96)
+  (logits, feats), (logits16, feats16) = FORWARD(tiny, x), FORWARD(bf16, x)
+  for ref, got in ((logits, logits16), (feats, feats16)):
+    err = np.abs(np.asarray(got, np.float32) - ref).max() / np.abs(ref).max()
+    assert 0 < err < 3e-2  # nonzero: the matmuls did run in bf16
+
+
+def test_drop_path_only_in_train_mode():
+  model = tiny_model(drop_path=0.5)
+  x = images(8, 32, 32)
+  model.train()
+  first, second = FORWARD(model, x)[0], FORWARD(model, x)[0]
+  assert np.abs(first - second).max() > 1e-3
+  model.eval()
+  first, second = FORWARD(model, x)[0], FORWARD(model, x)[0]
+  np.testing.assert_array_equal(first, second)
+  no_drop = rebuild(model, drop_path=0.0)
+  no_drop.eval()
+  np.testing.assert_allclose(first, FORWARD(no_drop, x)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_remat_gives_the_same_outputs_and_gradients(tiny):
+  x = images(2, 32, 48)
+
+  @nnx.jit
+  def loss_and_grads(model):
+    return nnx.value_and_grad(lambda m: jnp.mean(m(x) ** 2))(model)
+
+  loss, grads = loss_and_grads(tiny)
+  loss_remat, grads_remat = loss_and_grads(rebuild(tiny, remat='full'))
+  np.testing.assert_allclose(loss_remat, loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), grads_remat, grads)
+
+
+# -- errors --------------------------------------------------------------------------------------
+@pytest.mark.parametrize('shape, message', [
+    ((1, 100, 224, 3), 'image size 100x224 is not a positive multiple of the patch size 16'),
+    ((1, 224, 40, 3), 'image size 224x40 is not a positive multiple of the patch size 16'),
+    ((224, 224, 3), r'images of shape \(224, 224, 3\); expected \(batch, height, width, 3\)'),
+    ((1, 32, 32, 1), r'images of shape \(1, 32, 32, 1\); expected \(batch, height, width, 3\)'),
+])
+def test_bad_images(tiny, shape, message):
+  with pytest.raises(ValueError, match=message):
+    tiny(jnp.zeros(shape))
+
+
+def test_unknown_model_name():
+  with pytest.raises(ValueError, match=r"unknown model name 'vit_xl16'; expected one of \('vit_ti16'"):
+    vit.create_model('vit_xl16')
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(width=100), 'width=100 must be a multiple of num_heads=3'),
+    (dict(pool='max'), "pool='max'; expected 'token' or 'gap'"),
+    (dict(pos_embed='sincos'), "pos_embed='sincos'; expected 'learn' or 'none'"),
+    (dict(dtype='float64'), "dtype='float64'; expected one of"),
+    (dict(gaug_impl='flash'), "gaug_impl='flash'; expected one of"),
+    (dict(remat='all'), "remat='all'; expected one of"),
+    (dict(img_size=(224, 200)), r'img_size=\(224, 200\) must be a multiple of patch_size=16'),
+    (dict(drop_path=1.0), 'drop_path=1.0; expected 0 <= drop_path < 1'),
+    (dict(reg_tokens=-1), 'reg_tokens'),
+    (dict(dropout=0.1), r"unknown model config keys \['dropout'\]"),
+])
+def test_bad_config_values(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    vit.model_config('locatvit_ti16', **overrides)
