@@ -1,28 +1,13 @@
-"""Shared pieces of the configs: the paper's classification recipe and its variants.
+"""Shared pieces of the configs: the paper's classification and segmentation recipes.
 
-A variant is the config argument (`configs/vit_b.py:vit`); every variant is the same model code
-with switches (spec sections 2-3 and the paper's ablations).
+A classification config's argument is a model variant (`configs/vit_b.py:vit`, see
+locatvit_jax.models.vit.VARIANTS): every variant is the same model code with switches.
 """
 
 import ml_collections
 
 from locatvit_jax.data import pipeline
-
-VARIANTS = {
-    'locat': dict(gaug=True, prr=True),  # LocAtViT
-    'vit': dict(gaug=False, prr=False),  # plain ViT baseline
-    'gaug': dict(gaug=True, prr=False),  # ablation: GAug only
-    'prr': dict(gaug=False, prr=True),  # ablation: PRR only
-    'gap': dict(gaug=False, prr=False, pool='gap'),  # ViT with global average pooling
-    'locat_gap': dict(gaug=True, prr=True, pool='gap'),
-}
-
-
-def variant_overrides(variant: str) -> dict:
-  if variant not in VARIANTS:
-    raise ValueError(f'config argument {variant!r}; expected one of {sorted(VARIANTS)}')
-  return dict(VARIANTS[variant])
-
+from locatvit_jax.models.vit import variant_overrides
 
 def classification_config(size: str, variant: str | None) -> ml_collections.ConfigDict:
   """The paper's ImageNet-1k recipe (spec section 5) for ViT size `size` ('ti', 's', 'b', 'l')."""

@@ -32,6 +32,23 @@ SIZES = {
 MODEL_NAMES = tuple(f'{kind}_{size}16' for size in SIZES for kind in ('vit', 'locatvit'))
 _NAME_RE = re.compile(r'^(vit|locatvit)_(ti|s|b|l)(\d+)$')
 
+# The paper's baselines and ablations: flags on the same model (a config argument picks one).
+VARIANTS = {
+    'locat': dict(gaug=True, prr=True),  # LocAtViT
+    'vit': dict(gaug=False, prr=False),  # plain ViT baseline
+    'gaug': dict(gaug=True, prr=False),  # ablation: GAug only
+    'prr': dict(gaug=False, prr=True),  # ablation: PRR only
+    'gap': dict(gaug=False, prr=False, pool='gap'),  # ViT with global average pooling
+    'locat_gap': dict(gaug=True, prr=True, pool='gap'),
+}
+
+
+def variant_overrides(variant: str) -> dict:
+  if variant not in VARIANTS:
+    raise ValueError(f'variant {variant!r}; expected one of {sorted(VARIANTS)}')
+  return dict(VARIANTS[variant])
+
+
 REMAT_POLICIES = {
     'none': None,
     'full': jax.checkpoint_policies.nothing_saveable,

@@ -1,0 +1,239 @@
+"""Grain transforms for segmentation: mmsegmentation's ADE20K pipeline on NumPy arrays (spec section 6).
+
+Every geometric step moves the image and its label together; images are resampled bilinearly, labels
+by nearest neighbour, so a label value is always one that was stored. Steps, in mmseg's order:
+
+  train: DecodeExample -> RandomResize -> RandomCrop (cat_max_ratio) -> RandomFlip
+         -> PhotoMetricDistortion -> NormalizeAndPad (image 0, label 255, to the crop size)
+  eval:  DecodeExample -> EvalResizeAndPad (fit the scale, pad bottom/right to the patch multiple)
+
+Differences from mmseg, all small: resizing uses PIL (bilinear with antialiasing when shrinking,
+where mmseg's OpenCV default does not antialias; nearest at pixel centres); the photometric steps
+work in float with clipping to [0, 255] instead of rounding to uint8 after each step.
+"""
+
+from __future__ import annotations
+
+import io
+
+import grain
+import numpy as np
+from PIL import Image
+
+from locatvit_jax.data import transforms
+from locatvit_jax.data.seg_sources import IGNORE_INDEX, LabelMap
+
+# ImageNet statistics; on 0-255 RGB they are the spec's (123.675, 116.28, 103.53) / (58.395, 57.12, 57.375).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# -- decoding --------------------------------------------------------------------------------------
+def decode_rgb(data, key: str) -> np.ndarray:
+  """Encoded bytes or a decoded uint8 array -> uint8 (H, W, 3) RGB."""
+  try:
+    return np.asarray(transforms.to_rgb(data))
+  except transforms.DECODE_ERRORS as e:
+    raise ValueError(f'{key}: cannot decode the image ({e})') from e
+
+
+def decode_label(data, key: str) -> np.ndarray:
+  """Encoded PNG bytes or a uint8 (H, W) array -> uint8 (H, W) stored label values."""
+  if isinstance(data, np.ndarray):
+    if data.dtype != np.uint8 or data.ndim != 2:
+      raise ValueError(f'{key}: label array is {data.dtype}{list(data.shape)}; expected uint8 (H, W)')
+    return data
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      mode, stored = image.mode, np.asarray(image)
+  except transforms.DECODE_ERRORS as e:
+    raise ValueError(f'{key}: cannot decode the label ({e})') from e
+  # 'P' (palette) PNGs store class indices too; their palette is only for viewing.
+  if mode not in ('L', 'P'):
+    raise ValueError(f'{key}: label PNG has mode {mode}; expected a single-channel (L or P) PNG of '
+                     'class indices')
+  return stored
+
+
+class DecodeExample(grain.transforms.Map):
+  """Source record -> {'image': uint8 (H, W, 3), 'mask': uint8 (H, W) classes or 255}; checks sizes."""
+
+  def __init__(self, label_map: LabelMap):
+    self.label_map = label_map
+
+  def map(self, record: dict) -> dict:
+    image = decode_rgb(record['image'], record['key'])
+    stored = decode_label(record['mask'], record['mask_key'])
+    if image.shape[:2] != stored.shape:
+      raise ValueError(f'{record["mask_key"]}: label is {stored.shape[0]}x{stored.shape[1]} but image '
+                       f'{record["key"]} is {image.shape[0]}x{image.shape[1]}; expected the same size')
+    return {'image': image, 'mask': self.label_map(stored, record['mask_key'])}
+
+
+# -- geometry --------------------------------------------------------------------------------------
+def fit_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]:
+  """mmcv's keep-ratio rescale: the largest size with long side <= max(scale), short <= min(scale)."""
+  factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
+  return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  return np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
+
+
+def resize_label(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  return np.asarray(Image.fromarray(mask).resize(size[::-1], Image.NEAREST))
+
+
+def normalize(image: np.ndarray) -> np.ndarray:
+  return transforms.normalize(image, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def pad_bottom_right(array: np.ndarray, size: tuple[int, int], value) -> np.ndarray:
+  pad = [(0, size[0] - array.shape[0]), (0, size[1] - array.shape[1])] + [(0, 0)] * (array.ndim - 2)
+  return np.pad(array, pad, constant_values=value)
+
+
+class RandomResize(grain.transforms.RandomMap):
+  """mmseg RandomResize(scale, ratio_range, keep_ratio=True): fit `scale` x U(ratio_range)."""
+
+  def __init__(self, scale: tuple[int, int], ratio_range: tuple[float, float]):
+    self.scale, self.ratio_range = tuple(scale), tuple(ratio_range)
+
+  def random_map(self, example: dict, rng: np.random.Generator) -> dict:
+    ratio = rng.uniform(*self.ratio_range)
+    target = (int(self.scale[0] * ratio), int(self.scale[1] * ratio))
+    size = fit_size(*example['mask'].shape, target)
+    return {'image': resize_image(example['image'], size), 'mask': resize_label(example['mask'], size)}
+
+
+class RandomCrop(grain.transforms.RandomMap):
+  """mmseg RandomCrop: a crop_size square (smaller if the image is), redrawn up to `max_tries`
+  times while one class covers >= cat_max_ratio of the crop's labelled pixels or it holds one class."""
+
+  def __init__(self, crop_size: int, cat_max_ratio: float = 0.75, max_tries: int = 10):
+    self.crop_size, self.cat_max_ratio, self.max_tries = crop_size, cat_max_ratio, max_tries
+
+  def _corner(self, shape, rng) -> tuple[int, int]:
+    return tuple(int(rng.integers(0, max(s - self.crop_size, 0) + 1)) for s in shape)
+
+  def _balanced(self, crop: np.ndarray) -> bool:
+    counts = np.bincount(crop.ravel(), minlength=256)[:IGNORE_INDEX]  # ignored pixels do not count
+    counts = counts[counts > 0]
+    return len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio
+
+  def random_map(self, example: dict, rng: np.random.Generator) -> dict:
+    mask, c = example['mask'], self.crop_size
+    top, left = self._corner(mask.shape, rng)
+    if self.cat_max_ratio < 1.0:
+      for _ in range(self.max_tries):
+        if self._balanced(mask[top:top + c, left:left + c]):
+          break
+        top, left = self._corner(mask.shape, rng)
+    return {'image': example['image'][top:top + c, left:left + c],
+            'mask': mask[top:top + c, left:left + c]}
+
+
+class RandomFlip(grain.transforms.RandomMap):
+  """Horizontal flip of image and label together with probability `prob`."""
+
+  def __init__(self, prob: float = 0.5):
+    self.prob = prob
+
+  def random_map(self, example: dict, rng: np.random.Generator) -> dict:
+    if rng.random() < self.prob:
+      return {'image': example['image'][:, ::-1], 'mask': example['mask'][:, ::-1]}
+    return example
+
+
+# -- colour ----------------------------------------------------------------------------------------
+def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
+  """float32 RGB in [0, 255] -> HSV with hue in [0, 1), saturation in [0, 1], value in [0, 255]."""
+  r, g, b = np.moveaxis(rgb, -1, 0)
+  value = rgb.max(-1)
+  chroma = value - rgb.min(-1)
+  safe = np.maximum(chroma, 1e-6)
+  hue = np.where(value == r, (g - b) / safe, np.where(value == g, (b - r) / safe + 2, (r - g) / safe + 4))
+  hue = np.where(chroma > 0, hue / 6 % 1, 0)
+  return np.stack([hue, chroma / np.maximum(value, 1e-6), value], -1).astype(np.float32)
+
+
+def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
+  hue, saturation, value = np.moveaxis(hsv, -1, 0)
+  # Branch-free form: channel = v - v s clip(min(k, 4 - k), 0, 1), k = (n + 6 hue) mod 6, n = 5, 3, 1.
+  k = (np.array([5, 3, 1], np.float32) + hue[..., None] * 6) % 6
+  return value[..., None] * (1 - saturation[..., None] * np.clip(np.minimum(k, 4 - k), 0, 1))
+
+
+class PhotoMetricDistortion(grain.transforms.RandomMap):
+  """mmseg PhotoMetricDistortion: brightness, contrast, saturation, hue, each applied with
+  probability 0.5; a coin puts contrast before or after the HSV steps. Image only; float32 out."""
+
+  def __init__(self, brightness_delta: float = 32, contrast_range=(0.5, 1.5),
+               saturation_range=(0.5, 1.5), hue_delta: int = 18):
+    self.brightness_delta = brightness_delta
+    self.contrast_range, self.saturation_range = tuple(contrast_range), tuple(saturation_range)
+    self.hue_delta = hue_delta  # in OpenCV's uint8 hue unit (2 degrees), as mmseg draws it
+
+  def _contrast(self, image, rng):
+    if rng.integers(2):
+      image = np.clip(image * rng.uniform(*self.contrast_range), 0, 255)
+    return image
+
+  def random_map(self, example: dict, rng: np.random.Generator) -> dict:
+    image = example['image'].astype(np.float32)
+    if rng.integers(2):
+      image = np.clip(image + rng.uniform(-self.brightness_delta, self.brightness_delta), 0, 255)
+    contrast_first = rng.integers(2)
+    if contrast_first:
+      image = self._contrast(image, rng)
+    saturation = rng.uniform(*self.saturation_range) if rng.integers(2) else None
+    hue_shift = int(rng.integers(-self.hue_delta, self.hue_delta)) if rng.integers(2) else None
+    if saturation is not None or hue_shift is not None:
+      hsv = rgb_to_hsv(image)
+      if saturation is not None:
+        hsv[..., 1] = np.clip(hsv[..., 1] * saturation, 0, 1)
+      if hue_shift is not None:
+        hsv[..., 0] = (hsv[..., 0] + hue_shift / 180.0) % 1.0
+      image = hsv_to_rgb(hsv)
+    if not contrast_first:
+      image = self._contrast(image, rng)
+    return {'image': image.astype(np.float32), 'mask': example['mask']}
+
+
+# -- output ----------------------------------------------------------------------------------------
+class NormalizeAndPad(grain.transforms.Map):
+  """Normalises, then pads to (size, size): image with 0 (after normalising), label with 255."""
+
+  def __init__(self, size: int):
+    self.size = size
+
+  def map(self, example: dict) -> dict:
+    size = (self.size, self.size)
+    return {'image': pad_bottom_right(normalize(example['image']), size, 0.0),
+            'mask': pad_bottom_right(example['mask'], size, IGNORE_INDEX).astype(np.int32)}
+
+
+class EvalResizeAndPad(grain.transforms.Map):
+  """Fits the image to `scale` (keeping its ratio), normalises and pads bottom/right to a multiple of
+  `patch_size`. Keeps the original image and label: the metric is taken at the label's resolution."""
+
+  def __init__(self, scale: tuple[int, int], patch_size: int):
+    self.scale, self.patch_size = tuple(scale), patch_size
+
+  def map(self, example: dict) -> dict:
+    image, label = example['image'], example['mask']
+    h, w = fit_size(*label.shape, self.scale)
+    p = self.patch_size
+    padded = (-(-h // p) * p, -(-w // p) * p)
+    return {'image': pad_bottom_right(normalize(resize_image(image, (h, w))), padded, 0.0),
+            'valid_size': np.array([h, w], np.int32),
+            'label': label.astype(np.int32),
+            'original_image': image}
+
+
+def train_transforms(label_map: LabelMap, *, crop_size: int, scale, ratio_range,
+                     cat_max_ratio: float = 0.75) -> list:
+  return [DecodeExample(label_map), RandomResize(scale, ratio_range),
+          RandomCrop(crop_size, cat_max_ratio), RandomFlip(0.5), PhotoMetricDistortion(),
+          NormalizeAndPad(crop_size)]

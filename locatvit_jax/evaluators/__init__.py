@@ -1,0 +1,1 @@
+"""Evaluation metrics that accumulate over batches and hosts."""

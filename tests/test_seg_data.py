@@ -1,0 +1,345 @@
+"""Segmentation data: layouts, label conventions, image/label alignment, crops, loaders, bad data."""
+
+import colorsys
+import io
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from locatvit_jax.data import seg_pipeline, seg_sources, seg_transforms
+
+# Block colours that identify their class. They are corners of a cube, so no blend of others can
+# equal one: wherever resampling leaves a pixel exactly one of them, its label is known.
+CORNERS = [(r, g, b) for r in (40, 215) for g in (40, 215) for b in (40, 215)]
+PALETTE = {**dict(zip(range(6), CORNERS)), 255: CORNERS[6]}
+STORED_ADE = (0, 1, 150)  # unlabelled, first class, last class
+
+
+def png(array) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(np.asarray(array, np.uint8)).save(buf, format='PNG')
+  return buf.getvalue()
+
+
+def block_example(rng, shape=(48, 64), block=8):
+  """Piecewise-constant image and its label: resizing keeps block interiors exact."""
+  grid = rng.choice(list(PALETTE), size=(shape[0] // block, shape[1] // block))
+  label = np.kron(grid, np.ones((block, block), int)).astype(np.uint8)
+  image = np.zeros(shape + (3,), np.uint8)
+  for c, colour in PALETTE.items():
+    image[label == c] = colour
+  return image, label
+
+
+def cfg(**kw):
+  return ml_collections.ConfigDict(kw)
+
+
+def write_ade20k(root, *, per_split=4, sizes=((40, 56), (48, 40), (36, 60), (44, 44))):
+  """ADEChallengeData2016 layout; stored labels use 0 (unlabelled), 1 and 150 in vertical bands."""
+  base = root / 'ADEChallengeData2016'
+  for split in ('training', 'validation'):
+    (base / 'images' / split).mkdir(parents=True)
+    (base / 'annotations' / split).mkdir(parents=True)
+    for i in range(per_split):
+      h, w = sizes[i % len(sizes)]
+      stored = np.zeros((h, w), np.uint8)
+      stored[:, w // 3:2 * w // 3] = STORED_ADE[1]
+      stored[:, 2 * w // 3:] = STORED_ADE[2]
+      Image.fromarray(np.full((h, w, 3), 40 * i, np.uint8)).save(base / 'images' / split / f'ADE_{i}.jpg')
+      Image.fromarray(stored).save(base / 'annotations' / split / f'ADE_{i}.png')
+  return root
+
+
+@pytest.fixture
+def ade_root(tmp_path):
+  return write_ade20k(tmp_path)
+
+
+# -- label conventions and layouts ----------------------------------------------------------------
+def test_reduce_zero_label_and_identity_maps():
+  ade = seg_sources.reduce_zero_label(150)
+  np.testing.assert_array_equal(ade(np.array([[0, 1, 150, 255]], np.uint8), 'k'), [[255, 0, 149, 255]])
+  coco = seg_sources.identity_labels(171)
+  np.testing.assert_array_equal(coco(np.array([0, 170, 255], np.uint8), 'k'), [0, 170, 255])
+  with pytest.raises(ValueError, match=r'some/label.png: label values \[151\] are out of range'):
+    ade(np.array([3, 151], np.uint8), 'some/label.png')
+  with pytest.raises(ValueError, match=r'values \[171\]'):
+    coco(np.array([171], np.uint8), 'k')
+
+
+def test_pcontext_and_cocostuff_layouts(tmp_path):
+  voc = tmp_path / 'pc' / 'VOCdevkit' / 'VOC2010'
+  for d in ('JPEGImages', 'SegmentationClassContext', 'ImageSets/SegmentationContext'):
+    (voc / d).mkdir(parents=True)
+  for name in ('2008_000002', '2008_000003', 'not_in_split'):
+    Image.new('RGB', (8, 6)).save(voc / 'JPEGImages' / f'{name}.jpg')
+    Image.fromarray(np.array([[0, 1, 59]] * 6, np.uint8).repeat(3, 1)[:, :8]).save(
+        voc / 'SegmentationClassContext' / f'{name}.png')
+  (voc / 'ImageSets/SegmentationContext/val.txt').write_text('2008_000003\n2008_000002\n')
+  pc = seg_sources.segmentation_source(cfg(kind='pcontext', root=str(tmp_path / 'pc'), num_classes=59), 'val')
+  assert len(pc) == 2 and pc[0]['key'].endswith('JPEGImages/2008_000003.jpg')
+  np.testing.assert_array_equal(pc.label_map.lut[[0, 1, 59, 255]], [255, 0, 58, 255])
+
+  coco = tmp_path / 'coco'
+  (coco / 'images' / 'val2017').mkdir(parents=True)
+  (coco / 'annotations' / 'val2017').mkdir(parents=True)
+  Image.new('RGB', (8, 6)).save(coco / 'images/val2017/000000000139.jpg')
+  Image.new('L', (8, 6)).save(coco / 'annotations/val2017/000000000139_labelTrainIds.png')
+  Image.new('L', (8, 6)).save(coco / 'annotations/val2017/000000000139.png')  # raw ids: not read
+  source = seg_sources.segmentation_source(cfg(kind='cocostuff', root=str(coco)), 'val2017')
+  assert len(source) == 1 and source.num_classes == 171
+  assert source[0]['mask_key'].endswith('000000000139_labelTrainIds.png')
+
+
+def test_bad_configs_and_layouts(tmp_path, ade_root):
+  with pytest.raises(ValueError, match=r"data.kind='voc'; expected one of"):
+    seg_sources.segmentation_source(cfg(kind='voc', root='x'), 'train')
+  with pytest.raises(ValueError, match='data.root is not set'):
+    seg_sources.segmentation_source(cfg(kind='ade20k', root=None), 'training')
+  with pytest.raises(ValueError, match=r"ade20k split 'train'; expected one of \('training', 'validation'\)"):
+    seg_sources.segmentation_source(cfg(kind='ade20k', root=str(ade_root)), 'train')
+  with pytest.raises(ValueError, match='data.num_classes=151 but ade20k:training has 150 classes'):
+    seg_sources.segmentation_source(cfg(kind='ade20k', root=str(ade_root), num_classes=151), 'training')
+  with pytest.raises(FileNotFoundError, match='ADE20K images folder .*/nowhere/ADEChallengeData2016'):
+    seg_sources.segmentation_source(cfg(kind='ade20k', root=str(tmp_path / 'nowhere')), 'training')
+
+
+# -- bad data: each error names the file --------------------------------------------------------------
+def test_missing_label_fails_when_the_source_is_built(ade_root):
+  os.remove(ade_root / 'ADEChallengeData2016/annotations/training/ADE_2.png')
+  with pytest.raises(FileNotFoundError, match=r'annotations/training/ADE_2.png is missing; expected a '
+                                              r'label PNG for image .*images/training/ADE_2.jpg'):
+    seg_sources.ade20k_source(str(ade_root), 'training')
+
+
+def test_size_mismatch_and_out_of_range_fail_when_decoded(ade_root):
+  ann = ade_root / 'ADEChallengeData2016/annotations/training'
+  Image.fromarray(np.ones((10, 12), np.uint8)).save(ann / 'ADE_1.png')
+  Image.fromarray(np.full((44, 44), 200, np.uint8)).save(ann / 'ADE_3.png')
+  source = seg_sources.ade20k_source(str(ade_root), 'training')
+  decode = seg_transforms.DecodeExample(source.label_map)
+  with pytest.raises(ValueError, match=r'annotations/training/ADE_1.png: label is 10x12 but image '
+                                       r'.*images/training/ADE_1.jpg is 48x40; expected the same size'):
+    decode.map(source[1])
+  with pytest.raises(ValueError, match=r'annotations/training/ADE_3.png: label values \[200\] are out '
+                                       r'of range; expected values that map to classes 0..149'):
+    decode.map(source[3])
+  # The loader surfaces the same error.
+  loader = seg_pipeline.segmentation_train_loader(
+      source, global_batch_size=4, crop_size=32, scale=(64, 32), ratio_range=(0.5, 2.0),
+      label_map=source.label_map, seed=0, worker_count=0)
+  with pytest.raises(ValueError, match='ADE_[13].png'):
+    next(iter(loader))
+
+
+def test_rgb_label_png_is_rejected():
+  record = {'image': png(np.zeros((4, 4, 3))), 'mask': png(np.zeros((4, 4, 3))), 'key': 'a.jpg',
+            'mask_key': 'a.png'}
+  with pytest.raises(ValueError, match=r'a.png: label PNG has mode RGB; expected a single-channel'):
+    seg_transforms.DecodeExample(seg_sources.identity_labels(10)).map(record)
+
+
+# -- transforms ------------------------------------------------------------------------------------
+def test_fit_size_matches_mmcv_rescale():
+  assert seg_transforms.fit_size(375, 500, (2048, 512)) == (512, 683)
+  assert seg_transforms.fit_size(512, 4000, (2048, 512)) == (262, 2048)  # long side limits
+  assert seg_transforms.fit_size(500, 333, (520, 520)) == (520, 346)
+
+
+def test_geometric_train_steps_keep_image_and_label_aligned():
+  """After resize, crop, flip and pad, every clean pixel's colour still names its label."""
+  colours = np.array(list(PALETTE.values()), np.float32)
+  classes = np.array(list(PALETTE))
+  steps = [seg_transforms.RandomResize((64, 48), (0.5, 2.0)), seg_transforms.RandomCrop(32),
+           seg_transforms.RandomFlip(0.5), seg_transforms.NormalizeAndPad(32)]
+  label_map = seg_sources.identity_labels(6)
+  for seed in range(12):
+    rng = np.random.default_rng(seed)
+    image, label = block_example(rng)
+    ex = seg_transforms.DecodeExample(label_map).map(
+        {'image': png(image), 'mask': png(label), 'key': 'k', 'mask_key': 'm'})
+    for step in steps:
+      ex = step.random_map(ex, rng) if hasattr(step, 'random_map') else step.map(ex)
+    assert ex['image'].shape == (32, 32, 3) and ex['mask'].shape == (32, 32)
+    assert ex['image'].dtype == np.float32 and ex['mask'].dtype == np.int32
+    rgb = (ex['image'] * seg_transforms.IMAGENET_STD + seg_transforms.IMAGENET_MEAN) * 255
+    match = np.all(np.abs(rgb[:, :, None] - colours) < 1e-3, -1)  # (32, 32, palette)
+    clean = match.any(-1)
+    assert clean.mean() > 0.3
+    np.testing.assert_array_equal(ex['mask'][clean], classes[match.argmax(-1)][clean])
+    padded = np.all(np.abs(ex['image']) < 1e-6, -1)
+    assert np.all(ex['mask'][padded] == 255)
+
+
+def cat_ratio_mask():
+  """32x128 label: class 0 on the left half; right half alternates 4 columns of class 1 and 4 ignored.
+  A 32-px crop meets the 0.75 rule only if it straddles the middle with enough class 1."""
+  mask = np.zeros((32, 128), np.uint8)
+  right = np.where(np.arange(64) // 4 % 2 == 0, 1, 255).astype(np.uint8)
+  mask[:, 64:] = right
+  return mask
+
+
+def largest_class_share(crop):
+  counts = np.bincount(crop.ravel(), minlength=256)[:255]
+  return counts.max() / max(counts.sum(), 1), np.count_nonzero(counts)
+
+
+def test_random_crop_respects_cat_max_ratio():
+  mask = cat_ratio_mask()
+  ex = {'image': np.zeros((32, 128, 3), np.uint8), 'mask': mask}
+  # Many tries so that failing every one is negligible; ignored pixels must not count as a class.
+  crop = seg_transforms.RandomCrop(32, cat_max_ratio=0.75, max_tries=50)
+  for seed in range(30):
+    out = crop.random_map(ex, np.random.default_rng(seed))
+    share, n = largest_class_share(out['mask'])
+    assert out['mask'].shape == (32, 32) and n == 2 and share < 0.75
+  unconstrained = [largest_class_share(seg_transforms.RandomCrop(32, cat_max_ratio=1.0).random_map(
+      ex, np.random.default_rng(seed))['mask']) for seed in range(30)]
+  assert sum(n < 2 or share >= 0.75 for share, n in unconstrained) > 10
+
+
+def test_random_crop_keeps_small_images_whole():
+  ex = {'image': np.zeros((20, 24, 3), np.uint8), 'mask': np.ones((20, 24), np.uint8)}
+  out = seg_transforms.RandomCrop(32).random_map(ex, np.random.default_rng(0))
+  assert out['image'].shape == (20, 24, 3) and out['mask'].shape == (20, 24)
+
+
+def test_hsv_conversions_match_colorsys():
+  rgb = np.random.default_rng(0).uniform(0, 255, (200, 3)).astype(np.float32)
+  rgb[:3] = [[0, 0, 0], [255, 255, 255], [10, 10, 10]]  # grey: hue and saturation 0
+  hsv = seg_transforms.rgb_to_hsv(rgb)
+  expected = np.array([colorsys.rgb_to_hsv(*(p / 255)) for p in rgb])
+  np.testing.assert_allclose(hsv[:, :2], expected[:, :2], atol=1e-5)
+  np.testing.assert_allclose(hsv[:, 2], expected[:, 2] * 255, atol=1e-3)
+  np.testing.assert_allclose(seg_transforms.hsv_to_rgb(hsv), rgb, atol=1e-3)
+
+
+def test_photometric_distortion_changes_colours_only():
+  image, label = block_example(np.random.default_rng(0))
+  distort = seg_transforms.PhotoMetricDistortion()
+  changed = 0
+  for seed in range(8):
+    out = distort.random_map({'image': image, 'mask': label}, np.random.default_rng(seed))
+    assert out['image'].dtype == np.float32 and out['image'].shape == image.shape
+    assert out['image'].min() >= 0 and out['image'].max() <= 255
+    assert out['mask'] is label
+    changed += not np.allclose(out['image'], image)
+    again = distort.random_map({'image': image, 'mask': label}, np.random.default_rng(seed))
+    np.testing.assert_array_equal(again['image'], out['image'])
+  assert changed >= 6  # each step has probability 1/2; all four skipped has probability 1/16
+
+
+# -- loaders -------------------------------------------------------------------------------------
+def train_loader(source, **kw):
+  args = dict(global_batch_size=4, crop_size=32, scale=(64, 32), ratio_range=(0.5, 2.0),
+              label_map=source.label_map, seed=3, worker_count=0)
+  return seg_pipeline.segmentation_train_loader(source, **{**args, **kw})
+
+
+def test_ade20k_folder_train_loader(ade_root):
+  source = seg_sources.segmentation_source(cfg(kind='ade20k', root=str(ade_root), num_classes=150),
+                                           'training')
+  it = iter(train_loader(source))
+  batches = [next(it) for _ in range(3)]  # 3 batches of 4 from 4 examples: the loader repeats
+  for b in batches:
+    assert b['image'].shape == (4, 32, 32, 3) and b['image'].dtype == np.float32
+    assert b['mask'].shape == (4, 32, 32) and b['mask'].dtype == np.int32
+  values = set(np.unique(np.stack([b['mask'] for b in batches])).tolist())
+  assert values == {0, 149, 255}  # reduce-zero-label: stored 1 -> 0, 150 -> 149, 0 -> 255 (and padding)
+
+  # Resumable: a restored iterator continues with the same batches.
+  it = iter(train_loader(source))
+  next(it)
+  state = it.get_state()
+  expected = next(it)
+  resumed = iter(train_loader(source))
+  resumed.set_state(state)
+  np.testing.assert_array_equal(next(resumed)['image'], expected['image'])
+
+  # Per-process shards: half the global batch each.
+  half = next(iter(train_loader(source, shard_index=1, shard_count=2)))
+  assert half['image'].shape == (2, 32, 32, 3)
+  with pytest.raises(ValueError, match='global_batch_size=5 is not divisible by 2 shards'):
+    train_loader(source, global_batch_size=5, shard_index=0, shard_count=2)
+  with pytest.raises(ValueError, match=r'ratio_range=\(2.0, 0.5\); expected two ratios 0 < low <= high'):
+    train_loader(source, ratio_range=(2.0, 0.5))
+  with pytest.raises(ValueError, match=r'scale=\(512,\); expected two positive integers'):
+    train_loader(source, scale=(512,))
+  with pytest.raises(ValueError, match=r'shard_index=2 with shard_count=2'):
+    train_loader(source, shard_index=2, shard_count=2)
+
+
+def test_worker_processes_give_the_same_batches(ade_root):
+  source = seg_sources.ade20k_source(str(ade_root), 'training')
+  in_process = iter(train_loader(source))
+  with_workers = iter(train_loader(source, worker_count=1))
+  for _ in range(2):
+    a, b = next(in_process), next(with_workers)
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['mask'], b['mask'])
+
+
+def test_ade20k_folder_eval_examples(ade_root):
+  source = seg_sources.ade20k_source(str(ade_root), 'validation')
+  examples = list(seg_pipeline.segmentation_eval_examples(
+      source, scale=(64, 32), label_map=source.label_map, patch_size=16, num_threads=2))
+  assert len(examples) == 4
+  for i, ex in enumerate(examples):
+    stored = np.asarray(Image.open(source[i]['mask_key']))
+    np.testing.assert_array_equal(ex['label'], source.label_map.lut[stored])  # original resolution
+    h, w = ex['valid_size']
+    assert (h, w) == seg_transforms.fit_size(*stored.shape, (64, 32)) and min(h, w) == 32
+    assert ex['image'].shape[0] % 16 == 0 and ex['image'].shape[1] % 16 == 0
+    assert ex['image'].shape[0] - h < 16 and ex['image'].shape[1] - w < 16
+    assert np.all(ex['image'][h:] == 0) and np.all(ex['image'][:, w:] == 0)
+    assert ex['original_image'].shape == stored.shape + (3,)
+  # Two shards split the images between them.
+  shards = [list(seg_pipeline.segmentation_eval_examples(
+      source, scale=(64, 32), label_map=source.label_map, patch_size=16, shard_index=i, shard_count=2))
+      for i in range(2)]
+  assert [len(s) for s in shards] == [2, 2]
+  with pytest.raises(ValueError, match='patch_size=0; expected a positive integer'):
+    seg_pipeline.segmentation_eval_examples(source, scale=(64, 32), label_map=source.label_map,
+                                            patch_size=0)
+  np.testing.assert_array_equal(shards[1][0]['label'], examples[1]['label'])
+
+
+# -- TFDS ------------------------------------------------------------------------------------------
+TFDS_CFG = dict(kind='tfds_ade20k', data_dir=None, num_classes=100)
+
+
+def test_mock_tfds_scene_parse150_source():
+  with tfds.testing.mock_data(num_examples=3, policy=tfds.testing.MockPolicy.USE_CODE):
+    source = seg_sources.segmentation_source(cfg(**TFDS_CFG), 'train')
+    example = source[1]
+  assert len(source) == 3 and example['key'] == 'scene_parse150:train[1]'
+  assert example['image'].dtype == np.uint8 and example['image'].shape[-1] == 3
+  assert example['mask'].dtype == np.uint8 and example['mask'].ndim == 2  # the red channel
+  # TFDS's random mock draws the image and the annotation at different sizes: caught on decode.
+  with pytest.raises(ValueError, match=r'scene_parse150:train\[1\] annotation: label is \d+x\d+ but'):
+    seg_transforms.DecodeExample(source.label_map).map(example)
+  with pytest.raises(ValueError, match=r"tfds_ade20k split 'validation'; expected one of"):
+    seg_sources.segmentation_source(cfg(**TFDS_CFG), 'validation')
+
+
+def test_tfds_scene_parse150_through_the_loaders():
+  """tfds.data_source mocked with consistent examples of the real features (RGB annotation PNGs)."""
+  rng = np.random.default_rng(0)
+  shapes = [(40, 48), (36, 52), (48, 48), (44, 40)]
+  annotations = [rng.integers(0, 101, s + (3,), dtype=np.uint8) for s in shapes]
+  examples = [{'image': rng.integers(0, 256, s + (3,), dtype=np.uint8), 'annotation': a}
+              for s, a in zip(shapes, annotations)]
+  with tfds.testing.mock_data(as_data_source_fn=lambda self, split, **kw: examples):
+    source = seg_sources.segmentation_source(cfg(**TFDS_CFG), 'train')
+  batch = next(iter(train_loader(source)))
+  assert batch['mask'].shape == (4, 32, 32) and batch['mask'].max() == 255
+  assert batch['mask'][batch['mask'] != 255].max() <= 99
+  evals = list(seg_pipeline.segmentation_eval_examples(source, scale=(64, 32), label_map=source.label_map,
+                                                       patch_size=16))
+  np.testing.assert_array_equal(evals[2]['label'], source.label_map.lut[annotations[2][..., 0]])
