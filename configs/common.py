@@ -25,6 +25,7 @@ def classification_config(size: str, variant: str | None) -> ml_collections.Conf
   c.aug = pipeline.default_aug_config()
   c.mixup = ml_collections.ConfigDict(dict(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5,
                                            label_smoothing=0.1))
+  # Grain worker processes per host. A run resumes only with the worker_count it was saved with.
   c.input = ml_collections.ConfigDict(dict(worker_count=16))
 
   c.batch_size = 1024

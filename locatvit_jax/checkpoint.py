@@ -72,7 +72,16 @@ def restore_params(path) -> tuple[dict, dict]:
       restore_args={'params': jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), _numpy_targets(meta['params']))},
       partial_restore=True))
   cfg = json.loads((step_dir / 'model_config' / 'metadata').read_text())
-  return state['params'], cfg
+  return _unwrap_variables(state['params']), cfg
+
+
+def _unwrap_variables(tree):
+  """Trainers save nnx.State, whose Variables Orbax stores as {'value': array}: drop that level."""
+  if isinstance(tree, dict):
+    if set(tree) == {'value'} and not isinstance(tree['value'], dict):
+      return tree['value']
+    return {k: _unwrap_variables(v) for k, v in tree.items()}
+  return tree
 
 
 def _numpy_targets(meta_tree) -> Any:
@@ -139,6 +148,10 @@ class TrainCheckpointer:
         state=ocp.args.StandardRestore(abstract_state),
         data_iter=self._grain.checkpoint.CheckpointRestore(data_iter)))
     return restored['state']
+
+  def read_state(self, step: int) -> dict:
+    """The saved train state as written (for inspection and tests; no target shardings)."""
+    return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
 
   def reached_preemption(self, step: int) -> bool:
     """True on every process once any was told of a preemption (multi-host sync point)."""

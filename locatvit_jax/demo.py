@@ -20,7 +20,7 @@ from absl import logging
 
 from locatvit_jax import loading, viz
 from locatvit_jax.data import demo as demo_data
-from locatvit_jax.data import sources
+from locatvit_jax.data import sources, transforms
 from locatvit_jax.models import vit
 from locatvit_jax.train import classification, segmentation
 
@@ -64,7 +64,7 @@ def draw_pictures(config, dataset: str, workdir: str) -> list[str]:
   """GAug kernels and attention maps of the pretrained backbone on a few validation scenes."""
   model = loading.load(os.path.join(workdir, 'pretrain', 'export'))
   source = sources.tfds_source(dataset, 'validation', _data_dir(config))
-  images = [np.asarray(viz.decode(source[i]['image'])) for i in range(config.num_pictures)]
+  images = [np.asarray(transforms.to_rgb(source[i]['image'])) for i in range(config.num_pictures)]
   paths = []
   for i, image in enumerate(images):
     x = (image.astype(np.float32) / 255.0 - 0.5) / 0.5
@@ -102,8 +102,10 @@ def compare(config, dataset: str, workdir: str) -> dict:
       f.write(text)
     with open(os.path.join(workdir, 'compare.json'), 'w') as f:
       json.dump(rows, f, indent=1)
-    viz.save_bar_chart(os.path.join(workdir, 'compare.png'), [
-        (VARIANT_NAMES[v], {'top-1': s['top1'], 'mIoU': s['miou']}) for v, s in table.items()])
+    viz.save_bar_chart(os.path.join(workdir, 'compare.png'), {
+        VARIANT_NAMES[v]: {'top-1 (%)': [100 * r['top1'] for r in rows if r['variant'] == v],
+                           'mIoU (%)': [100 * r['miou'] for r in rows if r['variant'] == v]}
+        for v in table}, title='Digit scenes: mean and std over seeds')
     print(text, flush=True)
   return {'rows': rows, 'table': table}
 

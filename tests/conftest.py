@@ -38,6 +38,7 @@ def tiny_classification_config(data_root: str | None = None, **overrides):
   c.input.worker_count = 0
   c.batch_size = c.eval_batch_size = 8
   c.total_steps, c.warmup_steps = 6, 2
+  c.optim.update(dict(lr=1e-3, lr_base_batch=8, warmup_init_lr=0.0, end_lr=0.0))
   c.log_every, c.eval_every, c.checkpoint_every = 1, 0, 2
   c.export_best = False
   for k, v in overrides.items():

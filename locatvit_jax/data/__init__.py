@@ -1,0 +1,1 @@
+"""Input pipelines: random-access data sources, per-example transforms, Grain loaders."""

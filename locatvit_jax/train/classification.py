@@ -126,6 +126,7 @@ def evaluate(eval_step, params, rest, config, mesh) -> float:
   loader = eval_loader(config)
   correct = count = 0.0
   for batch in loader:
+    batch.pop('skipped')  # corrupt images are already masked out through 'valid'
     out = jax.device_get(eval_step(params, rest, sharding.to_global(batch, mesh)))
     correct += float(out['correct'])
     count += float(out['count'])
@@ -211,13 +212,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   writer, progress = common.writer_for(workdir, total_steps)
   throughput = common.Throughput(config.batch_size)
   guard = common.PreemptionGuard(ckpt)
-  best_top1, scalars, top1 = -1.0, {}, None
+  best_top1, scalars, top1, skipped = -1.0, {}, None, 0
   logging.info('Training %s for %d steps (%d warmup), batch %d, on mesh %s.',
                config.model_name, total_steps, warmup_steps, config.batch_size, dict(mesh.shape))
   try:
     for step in range(start_step + 1, total_steps + 1):
-      batch = sharding.to_global(next(train_iter), mesh)
-      state, device_scalars = train_step(state, rest, batch)
+      local = next(train_iter)
+      skipped += int(local.pop('skipped').sum())  # corrupt images dropped by this process's workers
+      state, device_scalars = train_step(state, rest, sharding.to_global(local, mesh))
       last = step == total_steps
       eval_due = last or (config.eval_every and step % config.eval_every == 0)
       save_due = last or step % config.checkpoint_every == 0
@@ -225,6 +227,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         scalars = common.fetch_scalars(device_scalars)
         common.check_finite(scalars, step)  # before saving: never checkpoint a diverged state
         scalars['img_per_s'] = throughput(step)
+        scalars['data/skipped'] = skipped
         if eval_due:
           top1 = evaluate(eval_step, state['params'], rest, config, mesh)
           scalars['eval_top1'] = top1

@@ -10,6 +10,7 @@ and its features are computed under stop_gradient: training cannot change them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from flax import nnx
 
 from locatvit_jax import checkpoint, loading, sharding, viz
@@ -77,41 +79,55 @@ def make_train_step(bb_graphdef, head_graphdef, tx, schedule):
   return train_step
 
 
+LABEL_BUCKET = 128  # label canvases are rounded up to this, bounding compilations per padded input
+
+
 def make_predict(bb_graphdef, head_graphdef):
-  """Logits of padded whole images at their own grid, float32 (B, H, W, K) at input resolution."""
-  def predict(head_params, bb_params, bb_rest, images):
+  """Class map of one whole image at its original label size, compiled per size bucket.
+
+  The image is padded bottom/right to the patch multiple; logits are upsampled to the padded
+  input, the valid (h, w) region is resized bilinearly to the label size (H, W) with edge
+  clamping as PyTorch's align_corners=False does, and argmax'd. (h, w, H, W) are traced, so
+  one executable serves every image whose padded input and label canvas shapes agree.
+  """
+  def predict(head_params, bb_params, bb_rest, image, valid, label_size, canvas):
     backbone = nnx.merge(bb_graphdef, bb_params, bb_rest)
     head = nnx.merge(head_graphdef, head_params)
-    return seg_head.upsample_logits(head(backbone.features(images)), images.shape[1:3])
-  return predict
+    logits = seg_head.upsample_logits(head(backbone.features(image[None])), image.shape[:2])[0]
+    # Replicate the last valid row/column into the padding: bilinear taps past the edge then
+    # read the edge value, which is PyTorch's clamping.
+    rows = jnp.minimum(jnp.arange(logits.shape[0]), valid[0] - 1)
+    cols = jnp.minimum(jnp.arange(logits.shape[1]), valid[1] - 1)
+    logits = logits[rows][:, cols]
+    scale = label_size.astype(jnp.float32) / valid.astype(jnp.float32)
+    resized = jax.image.scale_and_translate(
+        logits, (canvas[0], canvas[1], logits.shape[-1]), (0, 1), scale, jnp.zeros(2), 'linear',
+        antialias=False)
+    return jnp.argmax(resized, -1).astype(jnp.int32)
+  return jax.jit(predict, static_argnames='canvas')
 
 
 def evaluate(predict, head_params, bb_params, bb_rest, config, workdir=None, step=0) -> dict:
-  """Whole-image inference, one image at a time at its own (patch-padded) size; mIoU over all hosts.
-
-  jit caches one executable per padded shape; resizing to fit `eval_scale` and padding to the
-  patch multiple bound the number of distinct shapes.
-  """
+  """Whole-image inference at each image's own size; mIoU from a confusion matrix over all hosts."""
   source = seg_sources.segmentation_source(config.data, config.data.eval_split)
   acc = seg_eval.ConfusionAccumulator(config.data.num_classes)
   panels = []
-  for i, ex in enumerate(seg_pipeline.segmentation_eval_examples(
-      source, scale=tuple(config.eval_scale), label_map=source.label_map, patch_size=config.patch_size)):
-    logits = predict(head_params, bb_params, bb_rest, jnp.asarray(ex['image'][None]))
-    h, w = ex['valid_size']
-    logits = logits[:, :h, :w]
+  for ex in seg_pipeline.segmentation_eval_examples(
+      source, scale=tuple(config.eval_scale), label_map=source.label_map, patch_size=config.patch_size):
     label = ex['label']
-    logits = seg_head.upsample_logits(logits, label.shape[:2])
-    pred = np.asarray(jnp.argmax(logits[0], -1))
+    canvas = tuple(-(-d // LABEL_BUCKET) * LABEL_BUCKET for d in label.shape[:2])
+    pred = predict(head_params, bb_params, bb_rest, jnp.asarray(ex['image']),
+                   jnp.asarray(ex['valid_size'], jnp.int32), jnp.asarray(label.shape[:2], jnp.int32),
+                   canvas=canvas)
+    pred = np.asarray(pred)[:label.shape[0], :label.shape[1]]
     acc.update(pred, label)
     if workdir and len(panels) < config.num_pictures:
       panels.append((ex['original_image'], label, pred))
   result = seg_eval.segmentation_metrics(acc.result())
   if workdir and panels and jax.process_index() == 0:
-    palette = viz.seg_palette(config.data.num_classes)
     images, labels, preds = zip(*panels)
     viz.save_segmentation_panels(os.path.join(workdir, f'segmentation_step{step}.png'),
-                                 images, labels, preds, palette)
+                                 images, labels, preds, viz.seg_palette(config.data.num_classes))
   return result
 
 
@@ -160,7 +176,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   train_step = jax.jit(make_train_step(bb_graphdef, head_graphdef, tx, schedule),
                        in_shardings=(shardings, None, repl, batch_sh), out_shardings=(shardings, None),
                        donate_argnums=0)
-  predict = jax.jit(make_predict(bb_graphdef, head_graphdef))
+  predict = make_predict(bb_graphdef, head_graphdef)
 
   if config.eval_only:
     result = evaluate(predict, state['params'], bb_params, bb_rest, config, workdir, start_step)
@@ -197,8 +213,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     guard.close()
     writer.close()
     progress.close()
+  result['backbone_sha256'] = params_sha256(bb_params)
   _log_result(result, total, workdir)
   return result
+
+
+def params_sha256(params) -> str:
+  """A fingerprint of parameter bytes, in a fixed leaf order: proves the backbone never changed."""
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves(multihost_utils.process_allgather(params, tiled=True)):
+    digest.update(np.ascontiguousarray(leaf).tobytes())
+  return digest.hexdigest()
 
 
 def _log_result(result: dict, step: int, workdir: str) -> None:
