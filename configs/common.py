@@ -7,7 +7,7 @@ locatvit_jax.models.vit.VARIANTS): every variant is the same model code with swi
 import ml_collections
 
 from locatvit_jax.data import pipeline
-from locatvit_jax.models.vit import variant_overrides
+from locatvit_jax.models.vit import SIZES, variant_overrides
 
 def classification_config(size: str, variant: str | None) -> ml_collections.ConfigDict:
   """The paper's ImageNet-1k recipe (spec section 5) for ViT size `size` ('ti', 's', 'b', 'l')."""
@@ -15,7 +15,9 @@ def classification_config(size: str, variant: str | None) -> ml_collections.Conf
   c.task = 'classification'
   c.seed = 0
   c.model_name = f'vit_{size}16'  # gaug/prr come from the variant
+  width, depth, heads, mlp_dim, drop_path = SIZES[size]
   c.model = ml_collections.ConfigDict(dict(
+      width=width, depth=depth, num_heads=heads, mlp_dim=mlp_dim, patch_size=16, drop_path=drop_path,
       img_size=224, dtype='float32', gaug_impl='fused', remat='none', **variant_overrides(variant or 'locat')))
 
   c.data = ml_collections.ConfigDict(dict(

@@ -6,6 +6,8 @@
 --num_processes and --process_id, or run a single process.
 """
 
+import os
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -50,7 +52,17 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
   initialize_distributed()
-  run(_CONFIG.value, _WORKDIR.value)
+  import jax
+  try:
+    run(_CONFIG.value, _WORKDIR.value)
+  except Exception:  # pylint: disable=broad-except
+    if jax.process_count() == 1:
+      raise
+    # Peers wait in collectives for this process; a normal exit would block in JAX's shutdown
+    # barrier for minutes. Exiting hard lets launchers see the failure and stop the others.
+    logging.exception('Process %d failed; exiting without waiting for the others.', jax.process_index())
+    logging.flush()
+    os._exit(1)
 
 
 if __name__ == '__main__':  # Grain workers re-import __main__: nothing may run on import.

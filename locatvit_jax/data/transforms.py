@@ -118,7 +118,11 @@ def _solarize_add(image, add):
 
 
 def _posterize(image, bits):
-  return image if bits >= 8 else ImageOps.posterize(image, bits)
+  if bits >= 8:
+    return image
+  if bits <= 0:  # timm's increasing level reaches 0 bits at magnitude 10; Pillow < 9 made that black
+    return Image.new(image.mode, image.size)
+  return ImageOps.posterize(image, bits)
 
 
 # The PIL calls are timm's. Pixel ops take (image, argument); geometric ops also (fill, resample).

@@ -1,24 +1,49 @@
 """Multi-head attention cores, with or without the GAug bias.
 
 All take q, k, v as (B, H, N, d), the queries already scaled, and return (B, H, N, d). Logits and
-softmax are float32; the two matmuls run in the inputs' dtype.
+softmax are float32; the matmuls take the inputs' dtype.
 
 Implementations of GAug attention (`gaug_impl` in the model config):
-* `dense`: materialises S (B, H, N, N) and adds it to the logits. The reference.
-* `fused`: builds S from the two per-query 1-D Gaussians inside the softmax, which subtracts the
-  bound `max_j logits_ij + alpha_i` (valid since 0 <= S_ij <= alpha_i) so bias, exp and sum fuse
-  in one pass; its backward `p * (g - sum(p * g))` is shared by logits and bias.
-Both compute the same function to float32 rounding (tests/test_attention.py).
+* `dense`: materialises S (B, H, N, N) and adds it to the logits; plain autodiff. The reference.
+* `fused`: one custom VJP around the whole attention. S is built from the two per-query 1-D
+  Gaussians inside the exp; the softmax subtracts the bound `max_j logits_ij + alpha_i` (valid
+  since 0 <= S_ij <= alpha_i), so S is evaluated once. The backward keeps a single (B, H, N, N)
+  residual, the unnormalised exp.
+* `blockwise`: flash attention in pure JAX. Query blocks in a loop, key blocks in an inner scan
+  with an online softmax; each tile's S comes from (var, alpha) and the tiles' token indices.
+  The backward recomputes the tiles from the output's log-sum-exp, so memory is O(N) per head.
+* `pallas`: the same algorithm as Pallas kernels, forward and backward (attention_pallas.py), for
+  GPU. `pallas_interpret` runs those kernels in Pallas' interpreter (CPU, tests).
+All compute the same function to float32 rounding (tests/test_attention.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from locatvit_jax.models import locat
 
-GAUG_IMPLS = ('dense', 'fused')
+GAUG_IMPLS = ('dense', 'fused', 'blockwise', 'pallas', 'pallas_interpret')
+
+# Tile sizes (queries, keys) of `blockwise`; measured best on CPU for N = 1025..4097 (benchmarks/attention.py).
+BLOCKWISE_BLOCKS = (256, 512)
+# Finite, so that exp(MASKED - m) is 0 without inf - inf anywhere.
+MASKED = -0.7 * float(np.finfo(np.float32).max)
+
+
+def default_gaug_impl(backend: str) -> str:
+  """The GAug implementation to use on a JAX backend ('cpu', 'gpu', 'tpu')."""
+  # The Pallas kernels lower to Triton (tested without a GPU) but have not been compiled and timed
+  # on one yet, so every backend gets the XLA path that is fastest on CPU up to 4097 tokens.
+  defaults = {'cpu': 'fused', 'gpu': 'fused', 'tpu': 'fused'}
+  if backend not in defaults:
+    raise ValueError(f'backend={backend!r}; expected one of {tuple(defaults)}')
+  return defaults[backend]
 
 
 def plain_attention(q, k, v):
@@ -27,36 +52,236 @@ def plain_attention(q, k, v):
   return jnp.einsum('bhqk,bhkd->bhqd', p, v)
 
 
-@jax.custom_vjp
-def _softmax_with_bounded_bias(logits, bias, bound):
-  m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True) + bound[..., None])
-  e = jnp.exp(logits + bias - m)
-  return e / jnp.sum(e, axis=-1, keepdims=True)
+def gaug_attention(q, k, v, var, alpha, *, grid, geometry, num_prefix, impl, blocks=None):
+  """Attention with the GAug bias S (spec section 2) added to the logits.
 
-
-def _softmax_fwd(logits, bias, bound):
-  p = _softmax_with_bounded_bias(logits, bias, bound)
-  return p, (p, bound)
-
-
-def _softmax_bwd(res, g):
-  p, bound = res
-  dz = p * (g - jnp.sum(p * g, axis=-1, keepdims=True))
-  return dz, dz, jnp.zeros_like(bound)
-
-
-_softmax_with_bounded_bias.defvjp(_softmax_fwd, _softmax_bwd)
-
-
-def gaug_attention(q, k, v, var, alpha, *, grid, geometry, num_prefix, impl):
-  """Attention with the GAug bias S (spec section 2) added to the logits."""
-  logits = jnp.einsum('bhqd,bhkd->bhqk', q, k).astype(jnp.float32)
-  bias = locat.dense_bias(var, alpha, grid, geometry, num_prefix)
+  var (B, H, hw, 2) and alpha (B, H, hw) belong to the patch queries; N = num_prefix + hw.
+  `blocks` = (block_q, block_k) for the tiled implementations (default: theirs).
+  """
+  n = q.shape[2]
+  if n != num_prefix + grid[0] * grid[1] or var.shape[2] != grid[0] * grid[1]:
+    raise ValueError(f'{n} tokens and var of shape {var.shape}; expected num_prefix={num_prefix} + '
+                     f'{grid[0]}x{grid[1]} patches')
   if impl == 'dense':
-    p = jax.nn.softmax(logits + bias, axis=-1)
-  elif impl == 'fused':
-    bound = jnp.pad(alpha, ((0, 0), (0, 0), (num_prefix, 0)))
-    p = _softmax_with_bounded_bias(logits, bias, bound)
-  else:
-    raise ValueError(f'gaug_impl={impl!r}; expected one of {GAUG_IMPLS}')
-  return jnp.einsum('bhqk,bhkd->bhqd', p.astype(v.dtype), v)
+    logits = jnp.einsum('bhqd,bhkd->bhqk', q, k).astype(jnp.float32)
+    p = jax.nn.softmax(logits + locat.dense_bias(var, alpha, grid, geometry, num_prefix), axis=-1)
+    return jnp.einsum('bhqk,bhkd->bhqd', p.astype(v.dtype), v)
+  if impl == 'fused':
+    return _fused_attention(q, k, v, var, alpha, tuple(grid), geometry, num_prefix)
+  if impl == 'blockwise':
+    # Equal blocks of at most the given sizes: 1025 tokens in 3 blocks of 342, not 512 + 512 + 1.
+    blocks = tuple(-(-n // -(-n // b)) if b > 0 else b for b in (blocks or BLOCKWISE_BLOCKS))
+    return tiled_gaug_attention(_blockwise_attention, q, k, v, var, alpha, grid=grid, geometry=geometry,
+                                num_prefix=num_prefix, blocks=blocks)
+  if impl in ('pallas', 'pallas_interpret'):
+    # Imported here so that the XLA paths never load Pallas and its Triton/Mosaic lowerings.
+    from locatvit_jax.models import attention_pallas
+    return attention_pallas.gaug_attention(q, k, v, var, alpha, grid=grid, geometry=geometry,
+                                           num_prefix=num_prefix, interpret=impl == 'pallas_interpret',
+                                           blocks=blocks)
+  raise ValueError(f'gaug_impl={impl!r}; expected one of {GAUG_IMPLS}')
+
+
+# -- fused -----------------------------------------------------------------------------------------
+def _fused_exp(q, k, var, alpha, grid, geometry, num_prefix):
+  """exp(logits + S - bound) and its row sums; S comes from the 1-D Gaussians in the same fusion."""
+  logits = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32)
+  bound = jnp.max(logits, axis=-1) + jnp.pad(alpha, ((0, 0), (0, 0), (num_prefix, 0)))
+  e = jnp.exp(logits + locat.dense_bias(var, alpha, grid, geometry, num_prefix) - bound[..., None])
+  return e, jnp.sum(e, axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _fused_attention(q, k, v, var, alpha, grid, geometry, num_prefix):
+  return _fused_fwd(q, k, v, var, alpha, grid, geometry, num_prefix)[0]
+
+
+def _fused_fwd(q, k, v, var, alpha, grid, geometry, num_prefix):
+  e, l = _fused_exp(q, k, var, alpha, grid, geometry, num_prefix)
+  # Normalising the (N, d) output instead of the (N, N) probabilities saves a pass over N^2.
+  o = jnp.einsum('bhqk,bhkd->bhqd', e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  o = (o / l[..., None]).astype(v.dtype)
+  return o, (q, k, v, var, alpha, e, l, o)
+
+
+def _fused_bwd(grid, geometry, num_prefix, res, do):
+  q, k, v, var, alpha, e, l, o = res
+  # p = e / l folded into the (N, d) and (N,) operands, so no pass over N^2 normalises.
+  do_l = do.astype(jnp.float32) / l[..., None]
+  delta_l = jnp.sum(o.astype(jnp.float32) * do_l, axis=-1, keepdims=True)  # sum_j p_ij dp_ij / l_i
+  dv = jnp.einsum('bhqk,bhqd->bhkd', e, do_l)
+  dz = e * (jnp.einsum('bhqd,bhkd->bhqk', do_l, v.astype(jnp.float32)) - delta_l)  # d logits = d S
+  dq = jnp.einsum('bhqk,bhkd->bhqd', dz.astype(k.dtype), k, preferred_element_type=jnp.float32)
+  dk = jnp.einsum('bhqk,bhqd->bhkd', dz.astype(q.dtype), q, preferred_element_type=jnp.float32)
+  _, bias_vjp = jax.vjp(lambda s, a: locat.dense_bias(s, a, grid, geometry, num_prefix), var, alpha)
+  dvar, dalpha = bias_vjp(dz)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dvar, dalpha
+
+
+_fused_attention.defvjp(_fused_fwd, _fused_bwd)
+
+
+# -- tiles, shared by `blockwise` and the Pallas kernels -------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TokenLayout:
+  """Static facts that place token indices on the patch grid: token t >= num_prefix is patch
+  t - num_prefix in row-major order; tokens from num_tokens on are padding."""
+
+  num_tokens: int
+  num_prefix: int
+  grid_width: int
+  dist_max: float
+
+
+def _patch_rows_cols(layout: TokenLayout, idx):
+  """Grid row and column (float32) of token indices; arbitrary for prefix and padding tokens."""
+  p = jnp.maximum(idx - layout.num_prefix, 0)  # non-negative, so truncating div/rem are floor ones
+  w = layout.grid_width
+  return jax.lax.div(p, w).astype(jnp.float32), jax.lax.rem(p, w).astype(jnp.float32)
+
+
+def tile_scores(layout: TokenLayout, q, k, q_idx, k_idx, coef_row, coef_col):
+  """Logits of one tile and its GAug kernel.
+
+  q (..., bq, d), k (..., bk, d); q_idx (bq,), k_idx (bk,) token indices (int32); coef_row,
+  coef_col (..., bq) per query: 0.5 / (var + eps). Returns the logits (MASKED at padding keys),
+  the kernel g, S = alpha * g (0 at prefix and padding keys), and the clamped squared distances.
+  """
+  logits = jnp.einsum('...qd,...kd->...qk', q, k, preferred_element_type=jnp.float32)
+  logits = jnp.where((k_idx < layout.num_tokens)[None, :], logits, MASKED)
+  q_row, q_col = _patch_rows_cols(layout, q_idx)
+  k_row, k_col = _patch_rows_cols(layout, k_idx)
+  d_row = jnp.minimum((q_row[:, None] - k_row[None, :]) ** 2, layout.dist_max)
+  d_col = jnp.minimum((q_col[:, None] - k_col[None, :]) ** 2, layout.dist_max)
+  key_is_patch = (k_idx >= layout.num_prefix) & (k_idx < layout.num_tokens)
+  g = jnp.where(key_is_patch[None, :], jnp.exp(-(coef_row[..., None] * d_row + coef_col[..., None] * d_col)), 0.0)
+  return logits, g, d_row, d_col
+
+
+def tile_forward(layout: TokenLayout, carry, q, k, v, q_idx, k_idx, coef_row, coef_col, alpha):
+  """Folds one tile into the online softmax state (acc (..., bq, d), max, sum); alpha (..., bq)
+  is 0 for prefix and padding queries.
+
+  The running max is taken over the bound max_j logits_ij + alpha_i >= max_j (logits_ij + S_ij),
+  so S is evaluated once, inside the exp.
+  """
+  acc, m, l = carry
+  logits, g, _, _ = tile_scores(layout, q, k, q_idx, k_idx, coef_row, coef_col)
+  m_new = jnp.maximum(m, jnp.max(logits, axis=-1) + alpha)
+  correction = jnp.exp(m - m_new)
+  p = jnp.exp(logits + alpha[..., None] * g - m_new[..., None])
+  pv = jnp.einsum('...qk,...kd->...qd', p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return acc * correction[..., None] + pv, m_new, l * correction + jnp.sum(p, axis=-1)
+
+
+def tile_grads(layout: TokenLayout, q, k, v, do, lse, delta, q_idx, k_idx, coef_row, coef_col, alpha):
+  """Recomputes one tile's probabilities p from the log-sum-exp and returns p, ds = d logits = d S,
+  and the tile's sums for d coef_row, d coef_col, d alpha (..., bq). delta_i = sum_d o_id do_id."""
+  logits, g, d_row, d_col = tile_scores(layout, q, k, q_idx, k_idx, coef_row, coef_col)
+  p = jnp.exp(logits + alpha[..., None] * g - lse[..., None])
+  dp = jnp.einsum('...qd,...kd->...qk', do, v, preferred_element_type=jnp.float32)
+  ds = p * (dp - delta[..., None])
+  dsg = ds * g  # dS/dalpha = g, dS/dcoef = -alpha * g * d
+  d_coefs = (-alpha * jnp.sum(dsg * d_row, axis=-1), -alpha * jnp.sum(dsg * d_col, axis=-1),
+             jnp.sum(dsg, axis=-1))
+  return p, ds, d_coefs
+
+
+def _round_up(n: int, b: int) -> int:
+  return -(-n // b) * b
+
+
+def tiled_gaug_attention(core, q, k, v, var, alpha, *, grid, geometry, num_prefix, blocks):
+  """Pads queries and keys to whole blocks, turns (var, alpha) into per-token coefficients and
+  calls `core(q, k, v, coef_row, coef_col, alpha, layout, blocks)` on the padded arrays."""
+  block_q, block_k = blocks
+  if block_q <= 0 or block_k <= 0:
+    raise ValueError(f'blocks={blocks}; expected two positive tile sizes (queries, keys)')
+  n = q.shape[2]
+  n_q, n_k = _round_up(n, block_q), _round_up(n, block_k)
+  rows = lambda x, n_pad: jnp.pad(x, ((0, 0), (0, 0), (0, n_pad - n), (0, 0)))
+  coef = lambda x: jnp.pad(x, ((0, 0), (0, 0), (num_prefix, n_q - n)))  # prefix, padding: 0
+  inv = 0.5 / (var + geometry.eps)
+  layout = TokenLayout(n, num_prefix, grid[1], geometry.dist_max)
+  o = core(rows(q, n_q), rows(k, n_k), rows(v, n_k), coef(inv[..., 0]), coef(inv[..., 1]), coef(alpha),
+           layout, (block_q, block_k))
+  return o[:, :, :n]
+
+
+# -- blockwise -------------------------------------------------------------------------------------
+def _block(x, start, size):
+  """Rows [start, start + size) of axis 2 of (B, H, N, ...)."""
+  return jax.lax.dynamic_slice_in_dim(x, start, size, axis=2)
+
+
+def _unblock(x):
+  """(num_blocks, B, H, block, ...) -> (B, H, num_blocks * block, ...)."""
+  x = jnp.moveaxis(x, 0, 2)
+  return x.reshape(x.shape[:2] + (-1,) + x.shape[4:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _blockwise_attention(q, k, v, coef_row, coef_col, alpha, layout, blocks):
+  return _blockwise_fwd(q, k, v, coef_row, coef_col, alpha, layout, blocks)[0]
+
+
+def _blockwise_fwd(q, k, v, coef_row, coef_col, alpha, layout, blocks):
+  block_q, block_k = blocks
+  b, h, _, d = q.shape
+
+  def query_block(start_q):
+    q_b = _block(q, start_q, block_q)
+    coefs_b = [_block(c, start_q, block_q) for c in (coef_row, coef_col, alpha)]
+    q_idx = start_q + jnp.arange(block_q)
+
+    def key_step(carry, start_k):
+      kv = [_block(x, start_k, block_k) for x in (k, v)]
+      return tile_forward(layout, carry, q_b, *kv, q_idx, start_k + jnp.arange(block_k), *coefs_b), None
+
+    init = (jnp.zeros((b, h, block_q, d), jnp.float32), jnp.full((b, h, block_q), -jnp.inf),
+            jnp.zeros((b, h, block_q), jnp.float32))
+    (acc, m, l), _ = jax.lax.scan(key_step, init, jnp.arange(0, k.shape[2], block_k))
+    return (acc / l[..., None]).astype(v.dtype), m + jnp.log(l)
+
+  o, lse = jax.lax.map(query_block, jnp.arange(0, q.shape[2], block_q))
+  o, lse = _unblock(o), _unblock(lse)
+  return o, (q, k, v, coef_row, coef_col, alpha, o, lse)
+
+
+def _blockwise_bwd(layout, blocks, res, do):
+  """Key blocks outside, query blocks inside: dk, dv of a key block are carried, dq and the
+  per-query GAug gradients are accumulated in place."""
+  q, k, v, coef_row, coef_col, alpha, o, lse = res
+  block_q, block_k = blocks
+  delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
+  f32_zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
+
+  def key_block(carry, start_k):
+    k_b, v_b = _block(k, start_k, block_k), _block(v, start_k, block_k)
+    k_idx = start_k + jnp.arange(block_k)
+
+    def query_step(carry, start_q):
+      dk_b, dv_b, dq, d_coefs = carry
+      q_b, do_b = _block(q, start_q, block_q), _block(do, start_q, block_q)
+      per_query = [_block(x, start_q, block_q) for x in (lse, delta, coef_row, coef_col, alpha)]
+      p, ds, d_coefs_b = tile_grads(layout, q_b, k_b, v_b, do_b, per_query[0], per_query[1],
+                                    start_q + jnp.arange(block_q), k_idx, *per_query[2:])
+      dv_b += jnp.einsum('bhqk,bhqd->bhkd', p.astype(do.dtype), do_b, preferred_element_type=jnp.float32)
+      dk_b += jnp.einsum('bhqk,bhqd->bhkd', ds.astype(q.dtype), q_b, preferred_element_type=jnp.float32)
+      dq_b = jnp.einsum('bhqk,bhkd->bhqd', ds.astype(k.dtype), k_b, preferred_element_type=jnp.float32)
+      accumulate = lambda acc, x: jax.lax.dynamic_update_slice_in_dim(
+          acc, _block(acc, start_q, block_q) + x, start_q, axis=2)
+      d_coefs = tuple(accumulate(a, x) for a, x in zip(d_coefs, d_coefs_b))
+      return (dk_b, dv_b, accumulate(dq, dq_b), d_coefs), None
+
+    zeros_b = jnp.zeros(k_b.shape, jnp.float32)
+    (dk_b, dv_b, dq, d_coefs), _ = jax.lax.scan(query_step, (zeros_b, zeros_b) + carry,
+                                                jnp.arange(0, q.shape[2], block_q))
+    return (dq, d_coefs), (dk_b, dv_b)
+
+  init = (f32_zeros(q), (f32_zeros(coef_row), f32_zeros(coef_col), f32_zeros(alpha)))
+  (dq, d_coefs), (dk, dv) = jax.lax.scan(key_block, init, jnp.arange(0, k.shape[2], block_k))
+  return (dq.astype(q.dtype), _unblock(dk).astype(k.dtype), _unblock(dv).astype(v.dtype)) + d_coefs
+
+
+_blockwise_attention.defvjp(_blockwise_fwd, _blockwise_bwd)

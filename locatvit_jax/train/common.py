@@ -63,16 +63,19 @@ def restore_or_init(ckpt: checkpoint.TrainCheckpointer, data_iter, abstract_stat
 
 # -- preemption ----------------------------------------------------------------------------------
 class PreemptionGuard:
-  """Turns SIGTERM into a flag the loop polls, so the step in flight finishes and is checkpointed.
+  """Stops the loop after a step that every process agrees on, so the state in flight is saved.
 
-  On several processes the decision must be collective: Orbax's preemption sync point (JAX's
-  coordination service) makes every process stop at the same step.
+  One process: SIGTERM sets a flag the loop polls. Several processes: the decision must be
+  collective, so JAX's preemption service (which receives the SIGTERM notices through the
+  coordination service) picks the sync step; installing our own handler there would hide them.
   """
 
   def __init__(self, ckpt: checkpoint.TrainCheckpointer):
     self._ckpt = ckpt
     self._signalled = False
-    self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    self._previous = None
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
 
   def _on_sigterm(self, signum, frame):
     logging.warning('SIGTERM received: saving a checkpoint after this step, then exiting.')
@@ -80,11 +83,12 @@ class PreemptionGuard:
 
   def should_stop(self, step: int) -> bool:
     if jax.process_count() > 1:
-      return self._signalled or self._ckpt.reached_preemption(step)
+      return self._ckpt.reached_preemption(step)
     return self._signalled
 
   def close(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 # -- logging ---------------------------------------------------------------------------------------

@@ -1,0 +1,184 @@
+"""GAug flash attention as Pallas kernels: GPU (Triton), or any backend in Pallas' interpreter.
+
+The algorithm and its tile math are those of `blockwise` (attention.tile_forward and
+tile_grads); here one kernel instance owns one (batch, head, block) and loops over the
+other axis's blocks, so S never leaves the tile it is computed in.
+* forward: one instance per query block; online softmax over key blocks; writes the output rows
+  and their log-sum-exp, the only residual besides the inputs.
+* backward, in Pallas as well, FlashAttention-2 style without atomics: one kernel per query block
+  accumulates dq and the gradients of the per-query GAug coefficients over key blocks, one per key
+  block accumulates dk and dv over query blocks. Both recompute their tiles from the log-sum-exp.
+On GPU, block sizes must be powers of two >= 16 (Triton's tiles and dots).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from locatvit_jax.models import attention
+
+# (queries, keys) per tile: a head_dim-64 fp32 tile pair and the bias terms fit a GPU's registers.
+DEFAULT_BLOCKS = (64, 64)
+# The kernels are written for Triton; without these, JAX would lower them with Mosaic GPU.
+TRITON = pltriton.CompilerParams(num_warps=4, num_stages=2)
+
+
+def gaug_attention(q, k, v, var, alpha, *, grid, geometry, num_prefix, interpret=False, blocks=None):
+  """attention.gaug_attention with the Pallas kernels (`interpret` runs them in the interpreter)."""
+  n = q.shape[2]
+  # Short sequences take one power-of-two block (Triton's tiles are powers of two).
+  blocks = tuple(min(b, pl.next_power_of_2(n)) for b in (blocks or DEFAULT_BLOCKS))
+  core = lambda *args: _flash(*args, interpret)
+  return attention.tiled_gaug_attention(core, q, k, v, var, alpha, grid=grid, geometry=geometry,
+                                        num_prefix=num_prefix, blocks=blocks)
+
+
+# -- kernels ---------------------------------------------------------------------------------------
+def _forward_kernel(q_ref, k_ref, v_ref, coef_row_ref, coef_col_ref, alpha_ref, o_ref, lse_ref, *,
+                    layout, block_k):
+  block_q, d = q_ref.shape
+  q_idx = pl.program_id(2) * block_q + jnp.arange(block_q)
+  q = q_ref[...]
+  coefs = (coef_row_ref[...], coef_col_ref[...], alpha_ref[...])
+
+  def key_step(j, carry):
+    start = pl.multiple_of(j * block_k, block_k)
+    keys = pl.ds(start, block_k)
+    return attention.tile_forward(layout, carry, q, k_ref[keys, :], v_ref[keys, :], q_idx,
+                                  start + jnp.arange(block_k), *coefs)
+
+  init = (jnp.zeros((block_q, d), jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
+          jnp.zeros((block_q,), jnp.float32))
+  acc, m, l = jax.lax.fori_loop(0, k_ref.shape[0] // block_k, key_step, init)
+  o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = m + jnp.log(l)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, coef_row_ref, coef_col_ref, alpha_ref,
+               dq_ref, d_coef_row_ref, d_coef_col_ref, d_alpha_ref, *, layout, block_k):
+  block_q, d = q_ref.shape
+  q_idx = pl.program_id(2) * block_q + jnp.arange(block_q)
+  q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+  coefs = (coef_row_ref[...], coef_col_ref[...], alpha_ref[...])
+
+  def key_step(j, carry):
+    dq, d_coefs = carry
+    start = pl.multiple_of(j * block_k, block_k)
+    keys = pl.ds(start, block_k)
+    k = k_ref[keys, :]
+    _, ds, d_coefs_tile = attention.tile_grads(layout, q, k, v_ref[keys, :], do, lse, delta, q_idx,
+                                               start + jnp.arange(block_k), *coefs)
+    dq += jnp.einsum('qk,kd->qd', ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+    return dq, tuple(a + b for a, b in zip(d_coefs, d_coefs_tile))
+
+  zeros = jnp.zeros((block_q,), jnp.float32)
+  dq, d_coefs = jax.lax.fori_loop(0, k_ref.shape[0] // block_k, key_step,
+                                  (jnp.zeros((block_q, d), jnp.float32), (zeros, zeros, zeros)))
+  dq_ref[...] = dq.astype(dq_ref.dtype)
+  for ref, x in zip((d_coef_row_ref, d_coef_col_ref, d_alpha_ref), d_coefs):
+    ref[...] = x
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, coef_row_ref, coef_col_ref, alpha_ref,
+                dk_ref, dv_ref, *, layout, block_q):
+  block_k, d = k_ref.shape
+  k_idx = pl.program_id(2) * block_k + jnp.arange(block_k)
+  k, v = k_ref[...], v_ref[...]
+
+  def query_step(i, carry):
+    dk, dv = carry
+    start = pl.multiple_of(i * block_q, block_q)
+    rows = pl.ds(start, block_q)
+    q, do = q_ref[rows, :], do_ref[rows, :]
+    p, ds, _ = attention.tile_grads(layout, q, k, v, do, lse_ref[rows], delta_ref[rows],
+                                    start + jnp.arange(block_q), k_idx, coef_row_ref[rows],
+                                    coef_col_ref[rows], alpha_ref[rows])
+    dv += jnp.einsum('qk,qd->kd', p.astype(do.dtype), do, preferred_element_type=jnp.float32)
+    dk += jnp.einsum('qk,qd->kd', ds.astype(q.dtype), q, preferred_element_type=jnp.float32)
+    return dk, dv
+
+  zeros = jnp.zeros((block_k, d), jnp.float32)
+  dk, dv = jax.lax.fori_loop(0, q_ref.shape[0] // block_q, query_step, (zeros, zeros))
+  dk_ref[...] = dk.astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+# -- block specs over (B, H, N, d) and (B, H, N) arrays, grid (B, H, blocks) ------------------------
+def _rows(block, d):
+  return pl.BlockSpec((None, None, block, d), lambda b, h, i: (b, h, i, 0))
+
+
+def _all_rows(n, d):
+  return pl.BlockSpec((None, None, n, d), lambda b, h, i: (b, h, 0, 0))
+
+
+def _per_row(block):
+  return pl.BlockSpec((None, None, block), lambda b, h, i: (b, h, i))
+
+
+def _per_all_rows(n):
+  return pl.BlockSpec((None, None, n), lambda b, h, i: (b, h, 0))
+
+
+# -- custom VJP ------------------------------------------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _flash(q, k, v, coef_row, coef_col, alpha, layout, blocks, interpret):
+  return _flash_fwd(q, k, v, coef_row, coef_col, alpha, layout, blocks, interpret)[0]
+
+
+def _flash_fwd(q, k, v, coef_row, coef_col, alpha, layout, blocks, interpret):
+  block_q, block_k = blocks
+  b, h, n_q, d = q.shape
+  n_k = k.shape[2]
+  o, lse = pl.pallas_call(
+      functools.partial(_forward_kernel, layout=layout, block_k=block_k),
+      grid=(b, h, n_q // block_q),
+      in_specs=[_rows(block_q, d), _all_rows(n_k, d), _all_rows(n_k, d)] + [_per_row(block_q)] * 3,
+      out_specs=[_rows(block_q, d), _per_row(block_q)],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, v.dtype), jax.ShapeDtypeStruct((b, h, n_q), jnp.float32)],
+      interpret=interpret,
+      compiler_params=TRITON,
+      name='gaug_flash_forward',
+  )(q, k, v, coef_row, coef_col, alpha)
+  return o, (q, k, v, coef_row, coef_col, alpha, o, lse)
+
+
+def _flash_bwd(layout, blocks, interpret, res, do):
+  q, k, v, coef_row, coef_col, alpha, o, lse = res
+  block_q, block_k = blocks
+  b, h, n_q, d = q.shape
+  n_k = k.shape[2]
+  delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
+  args = (q, k, v, do, lse, delta, coef_row, coef_col, alpha)
+  per_query_shape = jax.ShapeDtypeStruct((b, h, n_q), jnp.float32)
+  dq, d_coef_row, d_coef_col, d_alpha = pl.pallas_call(
+      functools.partial(_dq_kernel, layout=layout, block_k=block_k),
+      grid=(b, h, n_q // block_q),
+      in_specs=[_rows(block_q, d), _all_rows(n_k, d), _all_rows(n_k, d), _rows(block_q, d)]
+      + [_per_row(block_q)] * 5,
+      out_specs=[_rows(block_q, d)] + [_per_row(block_q)] * 3,
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)] + [per_query_shape] * 3,
+      interpret=interpret,
+      compiler_params=TRITON,
+      name='gaug_flash_backward_dq',
+  )(*args)
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, layout=layout, block_q=block_q),
+      grid=(b, h, n_k // block_k),
+      in_specs=[_all_rows(n_q, d), _rows(block_k, d), _rows(block_k, d), _all_rows(n_q, d)]
+      + [_per_all_rows(n_q)] * 5,
+      out_specs=[_rows(block_k, d), _rows(block_k, d)],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      interpret=interpret,
+      compiler_params=TRITON,
+      name='gaug_flash_backward_dkv',
+  )(*args)
+  return dq, dk, dv, d_coef_row, d_coef_col, d_alpha
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
