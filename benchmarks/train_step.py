@@ -24,8 +24,7 @@ import time
 
 from absl import app, flags
 
-TCMALLOC = '/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4'
-CPU_XLA_FLAGS = '--xla_cpu_experimental_ynn_fusion_type=-individual_dot'
+from benchmarks import cpu_env
 
 _MODEL = flags.DEFINE_string('model', 'locatvit_ti16', 'Model name (locatvit_jax.MODEL_NAMES).')
 _SIZE = flags.DEFINE_integer('size', 224, 'Square image size in pixels.')
@@ -42,13 +41,12 @@ _NO_CPU_ENV = flags.DEFINE_bool('no_cpu_env', False, 'Do not re-execute under tc
 
 def cpu_env_reexec() -> None:
   """Re-executes under the fast CPU environment unless already in it (see module docstring)."""
-  if _NO_CPU_ENV.value or os.environ.get('LOCATVIT_CPU_ENV') or not os.path.exists(TCMALLOC):
+  env = cpu_env.fast_cpu_env()
+  if _NO_CPU_ENV.value or cpu_env.in_fast_cpu_env() or env is None:
     return
   import jax
   if jax.default_backend() != 'cpu':
     return
-  env = dict(os.environ, LOCATVIT_CPU_ENV='1', LD_PRELOAD=TCMALLOC, TCMALLOC_RELEASE_RATE='0',
-             XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') + ' ' + CPU_XLA_FLAGS).strip())
   os.execve(sys.executable, [sys.executable, '-m', 'benchmarks.train_step', *sys.argv[1:]], env)
 
 
@@ -135,7 +133,7 @@ def main(argv):
          'mode': 'forward' if _FORWARD.value else 'train_step', 'dtype': _DTYPE.value,
          'remat': _REMAT.value, **primary.result(), 'peak_rss_mb': round(peak_rss_mb(), 1),
          'backend': jax.default_backend(), 'devices': jax.device_count(),
-         'cpu_env': bool(os.environ.get('LOCATVIT_CPU_ENV'))}
+         'cpu_env': cpu_env.in_fast_cpu_env()}
   if _PAIR.value:
     baseline_name = _MODEL.value.replace('locatvit_', 'vit_')
     baseline = Runner(baseline_name)

@@ -28,13 +28,13 @@ def get_config(arg=None):
       seed=0))
   c.compare = ml_collections.ConfigDict(dict(variants=('vit', 'gaug', 'prr', 'locat'), seeds=(0, 1, 2)))
   c.num_pictures = 2
-  c.picture_layers = (0, 2, 5)
+  c.picture_layers = (0, 1, 3)
   c.picture_queries = ((1, 1), (3, 4), (6, 6))
 
-  # Stage 1: classification of the scene's main digit. A 6-block, width-96 ViT at patch 8
+  # Stage 1: classification of the scene's main digit. A 4-block, width-96 ViT at patch 8
   # (an 8x8 grid on 64 px) so GAug has a grid to shape its kernels on.
   pre = common.classification_config('ti', 'locat')
-  pre.model.update(dict(img_size=64, patch_size=8, width=96, depth=6, num_heads=3, mlp_dim=384, drop_path=0.05))
+  pre.model.update(dict(img_size=64, patch_size=8, width=96, depth=4, num_heads=3, mlp_dim=384, drop_path=0.05))
   pre.data.update(dict(num_classes=10, train_split='train', eval_split='validation'))
   # Digits are not mirror-symmetric and fill the scene: no flips, mild crops, light RandAugment.
   pre.aug.update(dict(rrc_scale=(0.6, 1.0), hflip=0.0, randaug_num_ops=1, randaug_magnitude=5.0,
@@ -42,7 +42,7 @@ def get_config(arg=None):
   pre.mixup.update(dict(mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.1))
   pre.input.worker_count = 0
   pre.batch_size = pre.eval_batch_size = 128
-  pre.epochs, pre.warmup_epochs = 8, 1
+  pre.epochs, pre.warmup_epochs = 6, 1
   pre.optim.update(dict(lr=1e-3, lr_base_batch=128, warmup_init_lr=1e-5, end_lr=1e-5))
   pre.log_every, pre.eval_every, pre.checkpoint_every = 20, 0, 200
   pre.export_best = False

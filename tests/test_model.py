@@ -268,7 +268,9 @@ def test_remat_gives_the_same_outputs_and_gradients(tiny):
   loss, grads = loss_and_grads(tiny)
   loss_remat, grads_remat = loss_and_grads(rebuild(tiny, remat='full'))
   np.testing.assert_allclose(loss_remat, loss, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), grads_remat, grads)
+  # Recomputation reorders float32 sums: ~1e-7 of each gradient's scale, for every attention path.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max()),
+               grads_remat, grads)
 
 
 # -- errors --------------------------------------------------------------------------------------

@@ -3,18 +3,20 @@
 All take q, k, v as (B, H, N, d), the queries already scaled, and return (B, H, N, d). Logits and
 softmax are float32; the matmuls take the inputs' dtype.
 
-Implementations of GAug attention (`gaug_impl` in the model config):
-* `dense`: materialises S (B, H, N, N) and adds it to the logits; plain autodiff. The reference.
+Implementations of GAug attention (`gaug_impl` in the model config); all compute the same function
+to float32 rounding (tests/test_attention.py):
+* `dense`: materialises S (B, H, N, N), adds it to the logits, plain autodiff. The reference.
 * `fused`: one custom VJP around the whole attention. S is built from the two per-query 1-D
-  Gaussians inside the exp; the softmax subtracts the bound `max_j logits_ij + alpha_i` (valid
-  since 0 <= S_ij <= alpha_i), so S is evaluated once. The backward keeps a single (B, H, N, N)
-  residual, the unnormalised exp.
-* `blockwise`: flash attention in pure JAX. Query blocks in a loop, key blocks in an inner scan
-  with an online softmax; each tile's S comes from (var, alpha) and the tiles' token indices.
-  The backward recomputes the tiles from the output's log-sum-exp, so memory is O(N) per head.
-* `pallas`: the same algorithm as Pallas kernels, forward and backward (attention_pallas.py), for
-  GPU. `pallas_interpret` runs those kernels in Pallas' interpreter (CPU, tests).
-All compute the same function to float32 rounding (tests/test_attention.py).
+  Gaussians inside the exp, and the softmax subtracts the bound `max_j logits_ij + alpha_i`
+  (>= the row max, since 0 <= S_ij <= alpha_i), so S is evaluated once. The backward keeps one
+  (B, H, N, N) residual, the unnormalised exp. Exact while alpha_i < 87 (the row's largest term is
+  at least exp(-alpha_i) and must not underflow); softplus keeps alpha far below that.
+* `blockwise`: flash attention in pure JAX: query blocks in a loop, key blocks in an inner scan
+  with an online softmax (same bound), each tile's S computed from the per-query coefficients and
+  the tile's token indices. The backward recomputes the tiles from the output's log-sum-exp, so
+  memory is O(N) per head.
+* `pallas`: the same tiles as Pallas kernels, forward and backward (attention_pallas.py), for GPU.
+  `pallas_interpret` runs those kernels in Pallas' interpreter (CPU, tests).
 """
 
 from __future__ import annotations
@@ -30,16 +32,20 @@ from locatvit_jax.models import locat
 
 GAUG_IMPLS = ('dense', 'fused', 'blockwise', 'pallas', 'pallas_interpret')
 
-# Tile sizes (queries, keys) of `blockwise`; measured best on CPU for N = 1025..4097 (benchmarks/attention.py).
-BLOCKWISE_BLOCKS = (256, 512)
+# Largest tiles (queries, keys) of `blockwise`, for CPU. A single key tile (up to 8192 tokens) lets
+# XLA fuse softmax and matmuls (YNNPACK); tiling the keys costs ~40% more. 512-query tiles keep memory
+# linear in N. 4097 tokens, forward + backward under tcmalloc: 1.0 GB of temporaries and +19% time
+# against 6.3 GB for `fused`; 512-key tiles would take 0.2 GB and +37% (benchmarks/attention.py).
+BLOCKWISE_BLOCKS = (512, 8192)
 # Finite, so that exp(MASKED - m) is 0 without inf - inf anywhere.
 MASKED = -0.7 * float(np.finfo(np.float32).max)
 
 
 def default_gaug_impl(backend: str) -> str:
   """The GAug implementation to use on a JAX backend ('cpu', 'gpu', 'tpu')."""
-  # The Pallas kernels lower to Triton (tested without a GPU) but have not been compiled and timed
-  # on one yet, so every backend gets the XLA path that is fastest on CPU up to 4097 tokens.
+  # `fused` gives the fastest LocAtViT-Ti train step at 224 px on CPU (benchmarks/train_step.py);
+  # `blockwise` is the one to pick when memory matters (512 px and up). The Pallas kernels lower to
+  # Triton but have not been compiled and timed on a GPU yet, and have no Mosaic (TPU) layout.
   defaults = {'cpu': 'fused', 'gpu': 'fused', 'tpu': 'fused'}
   if backend not in defaults:
     raise ValueError(f'backend={backend!r}; expected one of {tuple(defaults)}')
@@ -55,13 +61,15 @@ def plain_attention(q, k, v):
 def gaug_attention(q, k, v, var, alpha, *, grid, geometry, num_prefix, impl, blocks=None):
   """Attention with the GAug bias S (spec section 2) added to the logits.
 
-  var (B, H, hw, 2) and alpha (B, H, hw) belong to the patch queries; N = num_prefix + hw.
-  `blocks` = (block_q, block_k) for the tiled implementations (default: theirs).
+  var (B, H, hw, 2) and alpha (B, H, hw) belong to the patch queries; N = num_prefix + h * w.
+  `blocks`: the largest (query, key) tiles of `blockwise` and `pallas*` (default: theirs).
   """
-  n = q.shape[2]
-  if n != num_prefix + grid[0] * grid[1] or var.shape[2] != grid[0] * grid[1]:
-    raise ValueError(f'{n} tokens and var of shape {var.shape}; expected num_prefix={num_prefix} + '
+  n, hw = q.shape[2], grid[0] * grid[1]
+  if n != num_prefix + hw or var.shape[2] != hw:
+    raise ValueError(f'{n} tokens and var of shape {var.shape}; expected {num_prefix} prefix tokens + '
                      f'{grid[0]}x{grid[1]} patches')
+  if blocks is not None and (len(blocks) != 2 or min(blocks) <= 0):
+    raise ValueError(f'blocks={blocks}; expected two positive tile sizes (queries, keys)')
   if impl == 'dense':
     logits = jnp.einsum('bhqd,bhkd->bhqk', q, k).astype(jnp.float32)
     p = jax.nn.softmax(logits + locat.dense_bias(var, alpha, grid, geometry, num_prefix), axis=-1)
@@ -69,17 +77,23 @@ def gaug_attention(q, k, v, var, alpha, *, grid, geometry, num_prefix, impl, blo
   if impl == 'fused':
     return _fused_attention(q, k, v, var, alpha, tuple(grid), geometry, num_prefix)
   if impl == 'blockwise':
-    # Equal blocks of at most the given sizes: 1025 tokens in 3 blocks of 342, not 512 + 512 + 1.
-    blocks = tuple(-(-n // -(-n // b)) if b > 0 else b for b in (blocks or BLOCKWISE_BLOCKS))
+    blocks = tuple(_balanced_block(n, b) for b in blocks or BLOCKWISE_BLOCKS)
     return tiled_gaug_attention(_blockwise_attention, q, k, v, var, alpha, grid=grid, geometry=geometry,
                                 num_prefix=num_prefix, blocks=blocks)
   if impl in ('pallas', 'pallas_interpret'):
-    # Imported here so that the XLA paths never load Pallas and its Triton/Mosaic lowerings.
+    # Imported here so that the XLA paths never load Pallas and its Triton lowering.
     from locatvit_jax.models import attention_pallas
     return attention_pallas.gaug_attention(q, k, v, var, alpha, grid=grid, geometry=geometry,
                                            num_prefix=num_prefix, interpret=impl == 'pallas_interpret',
                                            blocks=blocks)
   raise ValueError(f'gaug_impl={impl!r}; expected one of {GAUG_IMPLS}')
+
+
+def _balanced_block(n: int, block: int) -> int:
+  """The smallest tile that covers n in as many tiles as `block` does: 1025 by 512 -> 342 (3 tiles),
+  so that padding stays under one row per tile."""
+  num_tiles = -(-n // block)
+  return -(-n // num_tiles)
 
 
 # -- fused -----------------------------------------------------------------------------------------
@@ -109,11 +123,14 @@ def _fused_bwd(grid, geometry, num_prefix, res, do):
   # p = e / l folded into the (N, d) and (N,) operands, so no pass over N^2 normalises.
   do_l = do.astype(jnp.float32) / l[..., None]
   delta_l = jnp.sum(o.astype(jnp.float32) * do_l, axis=-1, keepdims=True)  # sum_j p_ij dp_ij / l_i
-  dv = jnp.einsum('bhqk,bhqd->bhkd', e, do_l)
-  dz = e * (jnp.einsum('bhqd,bhkd->bhqk', do_l, v.astype(jnp.float32)) - delta_l)  # d logits = d S
+  dv = jnp.einsum('bhqk,bhqd->bhkd', e.astype(v.dtype), do_l.astype(v.dtype),
+                  preferred_element_type=jnp.float32)
+  dp_l = jnp.einsum('bhqd,bhkd->bhqk', do_l.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  dz = e * (dp_l - delta_l)  # d logits = d S
   dq = jnp.einsum('bhqk,bhkd->bhqd', dz.astype(k.dtype), k, preferred_element_type=jnp.float32)
   dk = jnp.einsum('bhqk,bhqd->bhkd', dz.astype(q.dtype), q, preferred_element_type=jnp.float32)
-  _, bias_vjp = jax.vjp(lambda s, a: locat.dense_bias(s, a, grid, geometry, num_prefix), var, alpha)
+  bias = functools.partial(locat.dense_bias, grid=grid, geometry=geometry, num_prefix=num_prefix)
+  _, bias_vjp = jax.vjp(bias, var, alpha)
   dvar, dalpha = bias_vjp(dz)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dvar, dalpha
 
@@ -145,7 +162,7 @@ def tile_scores(layout: TokenLayout, q, k, q_idx, k_idx, coef_row, coef_col):
 
   q (..., bq, d), k (..., bk, d); q_idx (bq,), k_idx (bk,) token indices (int32); coef_row,
   coef_col (..., bq) per query: 0.5 / (var + eps). Returns the logits (MASKED at padding keys),
-  the kernel g, S = alpha * g (0 at prefix and padding keys), and the clamped squared distances.
+  the kernel g with S = alpha * g (0 at prefix and padding keys) and the clamped squared distances.
   """
   logits = jnp.einsum('...qd,...kd->...qk', q, k, preferred_element_type=jnp.float32)
   logits = jnp.where((k_idx < layout.num_tokens)[None, :], logits, MASKED)
@@ -153,8 +170,9 @@ def tile_scores(layout: TokenLayout, q, k, q_idx, k_idx, coef_row, coef_col):
   k_row, k_col = _patch_rows_cols(layout, k_idx)
   d_row = jnp.minimum((q_row[:, None] - k_row[None, :]) ** 2, layout.dist_max)
   d_col = jnp.minimum((q_col[:, None] - k_col[None, :]) ** 2, layout.dist_max)
+  g = jnp.exp(-(coef_row[..., None] * d_row + coef_col[..., None] * d_col))
   key_is_patch = (k_idx >= layout.num_prefix) & (k_idx < layout.num_tokens)
-  g = jnp.where(key_is_patch[None, :], jnp.exp(-(coef_row[..., None] * d_row + coef_col[..., None] * d_col)), 0.0)
+  g = jnp.where(key_is_patch[None, :], g, 0.0)
   return logits, g, d_row, d_col
 
 
@@ -195,8 +213,6 @@ def tiled_gaug_attention(core, q, k, v, var, alpha, *, grid, geometry, num_prefi
   """Pads queries and keys to whole blocks, turns (var, alpha) into per-token coefficients and
   calls `core(q, k, v, coef_row, coef_col, alpha, layout, blocks)` on the padded arrays."""
   block_q, block_k = blocks
-  if block_q <= 0 or block_k <= 0:
-    raise ValueError(f'blocks={blocks}; expected two positive tile sizes (queries, keys)')
   n = q.shape[2]
   n_q, n_k = _round_up(n, block_q), _round_up(n, block_k)
   rows = lambda x, n_pad: jnp.pad(x, ((0, 0), (0, 0), (0, n_pad - n), (0, 0)))
@@ -238,7 +254,7 @@ def _blockwise_fwd(q, k, v, coef_row, coef_col, alpha, layout, blocks):
       kv = [_block(x, start_k, block_k) for x in (k, v)]
       return tile_forward(layout, carry, q_b, *kv, q_idx, start_k + jnp.arange(block_k), *coefs_b), None
 
-    init = (jnp.zeros((b, h, block_q, d), jnp.float32), jnp.full((b, h, block_q), -jnp.inf),
+    init = (jnp.zeros((b, h, block_q, d), jnp.float32), jnp.full((b, h, block_q), -jnp.inf, jnp.float32),
             jnp.zeros((b, h, block_q), jnp.float32))
     (acc, m, l), _ = jax.lax.scan(key_step, init, jnp.arange(0, k.shape[2], block_k))
     return (acc / l[..., None]).astype(v.dtype), m + jnp.log(l)
@@ -264,7 +280,7 @@ def _blockwise_bwd(layout, blocks, res, do):
       dk_b, dv_b, dq, d_coefs = carry
       q_b, do_b = _block(q, start_q, block_q), _block(do, start_q, block_q)
       per_query = [_block(x, start_q, block_q) for x in (lse, delta, coef_row, coef_col, alpha)]
-      p, ds, d_coefs_b = tile_grads(layout, q_b, k_b, v_b, do_b, per_query[0], per_query[1],
+      p, ds, d_coefs_b = tile_grads(layout, q_b, k_b, v_b, do_b, *per_query[:2],
                                     start_q + jnp.arange(block_q), k_idx, *per_query[2:])
       dv_b += jnp.einsum('bhqk,bhqd->bhkd', p.astype(do.dtype), do_b, preferred_element_type=jnp.float32)
       dk_b += jnp.einsum('bhqk,bhqd->bhkd', ds.astype(q.dtype), q_b, preferred_element_type=jnp.float32)

@@ -8,7 +8,8 @@ other axis's blocks, so S never leaves the tile it is computed in.
 * backward, in Pallas as well, FlashAttention-2 style without atomics: one kernel per query block
   accumulates dq and the gradients of the per-query GAug coefficients over key blocks, one per key
   block accumulates dk and dv over query blocks. Both recompute their tiles from the log-sum-exp.
-On GPU, block sizes must be powers of two >= 16 (Triton's tiles and dots).
+On GPU, block sizes must be powers of two >= 16 (Triton's tiles and dots). There is no TPU (Mosaic)
+version: Mosaic wants the per-query vectors in (8, 128)-aligned 2-D blocks.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from locatvit_jax.models import attention
 
-# (queries, keys) per tile: a head_dim-64 fp32 tile pair and the bias terms fit a GPU's registers.
+# (queries, keys) per tile. Untuned: no GPU has run these kernels yet.
 DEFAULT_BLOCKS = (64, 64)
 # The kernels are written for Triton; without these, JAX would lower them with Mosaic GPU.
 TRITON = pltriton.CompilerParams(num_warps=4, num_stages=2)
@@ -30,9 +31,11 @@ TRITON = pltriton.CompilerParams(num_warps=4, num_stages=2)
 
 def gaug_attention(q, k, v, var, alpha, *, grid, geometry, num_prefix, interpret=False, blocks=None):
   """attention.gaug_attention with the Pallas kernels (`interpret` runs them in the interpreter)."""
-  n = q.shape[2]
-  # Short sequences take one power-of-two block (Triton's tiles are powers of two).
-  blocks = tuple(min(b, pl.next_power_of_2(n)) for b in (blocks or DEFAULT_BLOCKS))
+  blocks = blocks or DEFAULT_BLOCKS
+  if not interpret and any(b < 16 or b & (b - 1) for b in blocks):
+    raise ValueError(f'blocks={blocks}; the Triton kernels need powers of two >= 16')
+  # Short sequences take one power-of-two block, of at least 16 rows for Triton's dots.
+  blocks = tuple(min(b, max(16, pl.next_power_of_2(q.shape[2]))) for b in blocks)
   core = lambda *args: _flash(*args, interpret)
   return attention.tiled_gaug_attention(core, q, k, v, var, alpha, grid=grid, geometry=geometry,
                                         num_prefix=num_prefix, blocks=blocks)
@@ -95,6 +98,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, coef_row_ref, c
     start = pl.multiple_of(i * block_q, block_q)
     rows = pl.ds(start, block_q)
     q, do = q_ref[rows, :], do_ref[rows, :]
+    # The per-query coefficient sums belong to _dq_kernel; unused here, the compiler drops them.
     p, ds, _ = attention.tile_grads(layout, q, k, v, do, lse_ref[rows], delta_ref[rows],
                                     start + jnp.arange(block_q), k_idx, coef_row_ref[rows],
                                     coef_col_ref[rows], alpha_ref[rows])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from typing import Callable
 
 import jax
@@ -200,7 +199,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   train_iter = iter(train_loader(config, train_source))
 
   setup = build(config, model_cfg, mesh, total_steps, warmup_steps)
-  train_step, eval_step, rest = setup.train_step, setup.eval_step, setup.rest
 
   # State: resume from the workdir (any mesh) or initialise in place.
   ckpt = checkpoint.TrainCheckpointer(workdir, save_every=config.checkpoint_every,
@@ -209,45 +207,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   start_step = common.host_int(state['step'])
 
   # Loop.
-  writer, progress = common.writer_for(workdir, total_steps)
-  throughput = common.Throughput(config.batch_size)
-  guard = common.PreemptionGuard(ckpt)
-  best_top1, scalars, top1, skipped = -1.0, {}, None, 0
   logging.info('Training %s for %d steps (%d warmup), batch %d, on mesh %s.',
                config.model_name, total_steps, warmup_steps, config.batch_size, dict(mesh.shape))
-  try:
-    for step in range(start_step + 1, total_steps + 1):
-      local = next(train_iter)
-      skipped += int(local.pop('skipped').sum())  # corrupt images dropped by this process's workers
-      state, device_scalars = train_step(state, rest, sharding.to_global(local, mesh))
-      last = step == total_steps
-      eval_due = last or (config.eval_every and step % config.eval_every == 0)
-      save_due = last or step % config.checkpoint_every == 0
-      if step % config.log_every == 0 or eval_due or save_due or step == start_step + 1:
-        scalars = common.fetch_scalars(device_scalars)
-        common.check_finite(scalars, step)  # before saving: never checkpoint a diverged state
-        scalars['img_per_s'] = throughput(step)
-        scalars['data/skipped'] = skipped
-        if eval_due:
-          top1 = evaluate(eval_step, state['params'], rest, config, mesh)
-          scalars['eval_top1'] = top1
-          if top1 > best_top1 and config.export_best:
-            best_top1 = top1
-            checkpoint.save_params(os.path.join(workdir, 'export_best'), loading.params_dict(state['params']), model_cfg)
-        writer.write(step, scalars)
-        progress.update(step, scalars)
-      ckpt.save(step, state, train_iter, model_cfg, force=last)
-      if guard.should_stop(step):
-        ckpt.save(step, state, train_iter, model_cfg, force=True)
-        ckpt.wait()
-        logging.warning('Stopped at step %d after SIGTERM; rerun the same command to resume.', step)
-        sys.exit(143)
-  finally:
-    ckpt.wait()
-    guard.close()
-    writer.close()
-    progress.close()
+  skipped = 0
+  best = {'top1': -1.0}
+
+  def step_fn(state):
+    nonlocal skipped
+    local = next(train_iter)
+    skipped += int(local.pop('skipped').sum())  # corrupt images dropped by this process's workers
+    state, scalars = setup.train_step(state, setup.rest, sharding.to_global(local, mesh))
+    return state, scalars, {'data/skipped': skipped}
+
+  def evaluate_fn(state, step):
+    top1 = evaluate(setup.eval_step, state['params'], setup.rest, config, mesh)
+    if top1 > best['top1'] and config.export_best:
+      best['top1'] = top1
+      checkpoint.save_params(os.path.join(workdir, 'export_best'), loading.params_dict(state['params']),
+                             model_cfg)
+    return {'eval_top1': top1}
+
+  state, scalars = common.train_loop(
+      state=state, start_step=start_step, total_steps=total_steps, step_fn=step_fn,
+      evaluate_fn=evaluate_fn, data_iter=train_iter, ckpt=ckpt, record=model_cfg, workdir=workdir,
+      config=config)
 
   checkpoint.save_params(os.path.join(workdir, 'export'), loading.params_dict(state['params']), model_cfg)
-  logging.info('Done: top-1 %s; params exported to %s/export.', top1, workdir)
-  return {'eval_top1': top1, **scalars}
+  logging.info('Done: top-1 %s; params exported to %s/export.', scalars.get('eval_top1'), workdir)
+  return {'eval_top1': scalars.get('eval_top1'), **scalars}

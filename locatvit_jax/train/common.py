@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import time
 
 import jax
@@ -131,9 +132,49 @@ def gaug_scalars(intermediates: nnx.State) -> dict:
   return out
 
 
-def writer_for(workdir, total_steps: int) -> tuple[metrics.MetricWriter, metrics.ProgressLine]:
-  return metrics.MetricWriter(workdir), metrics.ProgressLine(total_steps)
-
-
 def host_int(x) -> int:
   return int(np.asarray(jax.device_get(x)))
+
+
+# -- the loop ------------------------------------------------------------------------------------
+def train_loop(*, state, start_step: int, total_steps: int, step_fn, evaluate_fn, data_iter,
+               ckpt: checkpoint.TrainCheckpointer, record, workdir, config):
+  """The loop both trainers share: step, log, evaluate, checkpoint, stop on preemption.
+
+  step_fn(state) -> (state, device scalars, host scalars): one update on the next batch.
+  evaluate_fn(state, step) -> scalars to log (e.g. eval_top1 or miou).
+  `record` (anything with to_json) is stored with every checkpoint. Uses config.log_every,
+  eval_every (0: at the end only), checkpoint_every and batch_size.
+  Returns (state, the scalars of the last logged step).
+  """
+  writer = metrics.MetricWriter(workdir)
+  progress = metrics.ProgressLine(total_steps)
+  throughput = Throughput(config.batch_size)
+  guard = PreemptionGuard(ckpt)
+  scalars = {}
+  try:
+    for step in range(start_step + 1, total_steps + 1):
+      state, device_scalars, host_scalars = step_fn(state)
+      last = step == total_steps
+      eval_due = last or (config.eval_every and step % config.eval_every == 0)
+      save_due = last or step % config.checkpoint_every == 0
+      if step % config.log_every == 0 or eval_due or save_due or step == start_step + 1:
+        scalars = fetch_scalars(device_scalars)
+        check_finite(scalars, step)  # before saving: never checkpoint a diverged state
+        scalars.update(host_scalars, img_per_s=throughput(step))
+        if eval_due:
+          scalars.update(evaluate_fn(state, step))
+        writer.write(step, scalars)
+        progress.update(step, scalars)
+      ckpt.save(step, state, data_iter, record, force=last)
+      if guard.should_stop(step):
+        ckpt.save(step, state, data_iter, record, force=True)
+        ckpt.wait()
+        logging.warning('Stopped at step %d after SIGTERM; rerun the same command to resume.', step)
+        sys.exit(143)
+  finally:
+    ckpt.wait()
+    guard.close()
+    writer.close()
+    progress.close()
+  return state, scalars

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -183,36 +182,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     _log_result(result, start_step, workdir)
     return result
 
-  writer, progress = common.writer_for(workdir, total)
-  throughput = common.Throughput(config.batch_size)
-  guard = common.PreemptionGuard(ckpt)
-  scalars, result = {}, {}
-  try:
-    for step in range(start_step + 1, total + 1):
-      batch = sharding.to_global(next(train_iter), mesh)
-      state, device_scalars = train_step(state, bb_params, bb_rest, batch)
-      last = step == total
-      eval_due = last or (config.eval_every and step % config.eval_every == 0)
-      if step % config.log_every == 0 or eval_due or step % config.checkpoint_every == 0:
-        scalars = common.fetch_scalars(device_scalars)
-        common.check_finite(scalars, step)
-        scalars['img_per_s'] = throughput(step)
-        if eval_due:
-          result = evaluate(predict, state['params'], bb_params, bb_rest, config, workdir, step)
-          scalars.update(miou=result['miou'], pixel_acc=result['pixel_acc'])
-        writer.write(step, scalars)
-        progress.update(step, scalars)
-      ckpt.save(step, state, train_iter, record, force=last)
-      if guard.should_stop(step):
-        ckpt.save(step, state, train_iter, record, force=True)
-        ckpt.wait()
-        logging.warning('Stopped at step %d after SIGTERM; rerun the same command to resume.', step)
-        sys.exit(143)
-  finally:
-    ckpt.wait()
-    guard.close()
-    writer.close()
-    progress.close()
+  last_eval = {}
+
+  def step_fn(state):
+    state, scalars = train_step(state, bb_params, bb_rest, sharding.to_global(next(train_iter), mesh))
+    return state, scalars, {}
+
+  def evaluate_fn(state, step):
+    last_eval.update(evaluate(predict, state['params'], bb_params, bb_rest, config, workdir, step))
+    return {'miou': last_eval['miou'], 'pixel_acc': last_eval['pixel_acc']}
+
+  common.train_loop(state=state, start_step=start_step, total_steps=total, step_fn=step_fn,
+                    evaluate_fn=evaluate_fn, data_iter=train_iter, ckpt=ckpt, record=record,
+                    workdir=workdir, config=config)
+  result = dict(last_eval)
   result['backbone_sha256'] = params_sha256(bb_params)
   _log_result(result, total, workdir)
   return result

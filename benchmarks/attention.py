@@ -1,0 +1,154 @@
+r"""Times one attention layer, forward + backward, for each GAug implementation and plain attention.
+
+  python -m benchmarks.attention --impl=blockwise --tokens=1025
+  python -m benchmarks.attention --all  # every --impls x --token_list, one subprocess each; a table
+
+A measurement is the jitted VJP (outputs and gradients w.r.t. q, k, v and, with GAug, var and
+alpha) of attention over B x H x tokens x d float32 inputs: one class token and a square patch
+grid, GAug constants of a model built for --train_grid (so the distance clamp is active above it).
+Each measurement prints one JSON line: fwd_bwd_ms (median wall time over --iters after --warmup),
+min_ms, cpu_ms (median process CPU time of all threads: less sensitive to other load), compile_s,
+xla_temp_mb (XLA's buffer assignment: the peak of intermediates, noise-free), base_rss_mb
+(process peak with the inputs made, before compiling) and peak_rss_mb (ru_maxrss at the end).
+Each runs in a fresh process, so that ru_maxrss is its own. --all runs the children as the
+train-step benchmark runs on CPU: under tcmalloc with TCMALLOC_RELEASE_RATE=0 (which keeps freed
+pages, so peak RSS exceeds the live peak) and its XLA CPU flags; --no_cpu_env: glibc malloc.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from benchmarks import cpu_env
+
+from locatvit_jax.models import attention, locat
+
+# The CPU environment of benchmarks/train_step.py (whose flags clash with these, so no import).
+IMPLS = ('plain',) + attention.GAUG_IMPLS
+
+_IMPL = flags.DEFINE_enum('impl', 'fused', IMPLS, 'Attention implementation; plain = no GAug.')
+_TOKENS = flags.DEFINE_integer('tokens', 197, 'Sequence length 1 + s^2 (class token, s x s patches).')
+_BATCH = flags.DEFINE_integer('batch', 8, 'Batch size B.')
+_HEADS = flags.DEFINE_integer('heads', 3, 'Heads H.')
+_HEAD_DIM = flags.DEFINE_integer('head_dim', 64, 'Head dimension d.')
+_TRAIN_GRID = flags.DEFINE_integer('train_grid', 14, 'Side of the grid the GAug constants are built for.')
+_BLOCKS = flags.DEFINE_list('blocks', None, 'block_q,block_k for blockwise/pallas (default: theirs).')
+_ITERS = flags.DEFINE_integer('iters', 10, 'Timed iterations (median reported).')
+_WARMUP = flags.DEFINE_integer('warmup', 1, 'Untimed iterations after compilation.')
+_ALL = flags.DEFINE_bool('all', False, 'Run every --impls x --token_list in its own subprocess.')
+_IMPLS = flags.DEFINE_list('impls', ['plain', 'dense', 'fused', 'blockwise'], 'Implementations for --all.')
+_TOKEN_LIST = flags.DEFINE_list('token_list', ['197', '1025', '4097'], 'Sequence lengths for --all.')
+_TIMEOUT = flags.DEFINE_integer('timeout', 1800, 'Seconds allowed per subprocess in --all.')
+_NO_CPU_ENV = flags.DEFINE_bool('no_cpu_env', False, '--all: no tcmalloc, no extra XLA CPU flags.')
+
+
+def grid_side(tokens: int) -> int:
+  side = math.isqrt(max(tokens - 1, 0))
+  if side < 1 or 1 + side * side != tokens:
+    raise ValueError(f'tokens={tokens}; expected 1 + s^2 for a square s x s grid (197, 1025, 4097, ...)')
+  return side
+
+
+def peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure() -> dict:
+  """One measurement in this process (see the module docstring)."""
+  side = grid_side(_TOKENS.value)
+  b, h, n, d = _BATCH.value, _HEADS.value, _TOKENS.value, _HEAD_DIM.value
+  geometry = locat.GAugGeometry((_TRAIN_GRID.value,) * 2)
+  blocks = tuple(int(x) for x in _BLOCKS.value) if _BLOCKS.value else None
+  rng = np.random.default_rng(0)
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  q, k, v, do = (normal(b, h, n, d) for _ in range(4))
+  var = jnp.asarray(rng.uniform(0.5, 8.0, (b, h, side * side, 2)), jnp.float32)
+  alpha = jnp.asarray(rng.uniform(0.0, 2.0, (b, h, side * side)), jnp.float32)
+
+  if _IMPL.value == 'plain':
+    fn, args = attention.plain_attention, (q * d ** -0.5, k, v)
+  else:
+    fn = lambda *a: attention.gaug_attention(*a, grid=(side, side), geometry=geometry, num_prefix=1,
+                                             impl=_IMPL.value, blocks=blocks)
+    args = (q * d ** -0.5, k, v, var, alpha)
+
+  def fwd_bwd(args, do):
+    o, vjp = jax.vjp(fn, *args)
+    return o, vjp(do)
+
+  base_rss = peak_rss_mb()
+  t0 = time.perf_counter()
+  compiled = jax.jit(fwd_bwd).lower(args, do).compile()
+  compile_s = time.perf_counter() - t0
+  memory = compiled.memory_analysis()
+  run = lambda: jax.block_until_ready(compiled(args, do))
+  for _ in range(_WARMUP.value):
+    run()
+  times, cpu_times = [], []
+  for _ in range(_ITERS.value):
+    t0, c0 = time.perf_counter(), time.process_time()
+    run()
+    times.append(time.perf_counter() - t0)
+    cpu_times.append(time.process_time() - c0)
+  return {'impl': _IMPL.value, 'tokens': n, 'grid': side, 'batch': b, 'heads': h, 'head_dim': d,
+          'blocks': blocks, 'fwd_bwd_ms': round(statistics.median(times) * 1e3, 2),
+          'min_ms': round(min(times) * 1e3, 2), 'cpu_ms': round(statistics.median(cpu_times) * 1e3, 2),
+          'compile_s': round(compile_s, 2),
+          'xla_temp_mb': round(memory.temp_size_in_bytes / 2 ** 20, 1) if memory else None,
+          'base_rss_mb': round(base_rss, 1), 'peak_rss_mb': round(peak_rss_mb(), 1),
+          'backend': jax.default_backend(), 'cpu_env': cpu_env.in_fast_cpu_env()}
+
+
+def child_env() -> dict:
+  return (None if _NO_CPU_ENV.value else cpu_env.fast_cpu_env()) or dict(os.environ)
+
+
+def run_all() -> None:
+  """Each impl x tokens in a fresh subprocess; JSON lines as they come, then a table."""
+  passthrough = [f'--{f.name}={f.value}' for f in (_BATCH, _HEADS, _HEAD_DIM, _TRAIN_GRID, _ITERS, _WARMUP)]
+  if _BLOCKS.value:
+    passthrough.append(f'--blocks={",".join(_BLOCKS.value)}')
+  rows = []
+  for tokens in _TOKEN_LIST.value:
+    for impl in _IMPLS.value:
+      cmd = [sys.executable, '-m', 'benchmarks.attention', f'--impl={impl}', f'--tokens={tokens}',
+             *passthrough]
+      try:
+        proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=_TIMEOUT.value)
+        lines = proc.stdout.strip().splitlines()
+        row = json.loads(lines[-1]) if proc.returncode == 0 and lines else {
+            'impl': impl, 'tokens': int(tokens),
+            'error': f'exit {proc.returncode}: {(proc.stderr.strip().splitlines() or [""])[-1][:200]}'}
+      except subprocess.TimeoutExpired:
+        row = {'impl': impl, 'tokens': int(tokens), 'error': f'timeout after {_TIMEOUT.value}s'}
+      print(json.dumps(row), flush=True)
+      rows.append(row)
+  columns = ('fwd_bwd_ms', 'min_ms', 'cpu_ms', 'xla_temp_mb', 'peak_rss_mb')
+  print(f'\n{"tokens":>6} {"impl":>16}' + ''.join(f'{c:>13}' for c in columns))
+  for r in rows:
+    cells = f'  {r["error"]}' if 'error' in r else ''.join(f'{r[c]:>13}' for c in columns)
+    print(f'{r["tokens"]:>6} {r["impl"]:>16}{cells}')
+
+
+def main(argv):
+  del argv
+  if _ALL.value:
+    run_all()
+  else:
+    print(json.dumps(measure()), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,182 @@
+"""GAug attention paths: every implementation against `dense` (itself against NumPy in float64) in
+values and gradients, their memory behaviour, the Triton lowering of the Pallas kernels, errors, and
+the parity model under each implementation."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
+
+from locatvit_jax import loading
+from locatvit_jax.models import attention, locat, vit
+
+FAST_IMPLS = ('fused', 'blockwise', 'pallas_interpret')
+# (grid, training grid, prefix tokens): square at the training grid; non-square and larger than the
+# training grid (the distance clamp is active) with 5 prefix tokens; no prefix token, clamp active.
+CASES = [((4, 4), (4, 4), 1), ((3, 5), (3, 3), 5), ((5, 4), (3, 3), 0)]
+# 17 and 20 tokens in tiles of 8 rows: the last query and key tiles are padded.
+BLOCKS = (8, 8)
+
+
+def random_inputs(grid, grid0, num_prefix, *, batch=2, heads=2, head_dim=8, seed=0):
+  """q, k, v, var, alpha and a cotangent; var spans (0.2, var_max) so the kernel's width matters."""
+  rng = np.random.default_rng(seed)
+  geometry = locat.GAugGeometry(grid0)
+  n, hw = num_prefix + grid[0] * grid[1], grid[0] * grid[1]
+  q, k, v, do = (rng.normal(size=(batch, heads, n, head_dim)).astype(np.float32) for _ in range(4))
+  var = rng.uniform(0.2, geometry.var_max, (batch, heads, hw, 2)).astype(np.float32)
+  alpha = rng.uniform(0.0, 3.0, (batch, heads, hw)).astype(np.float32)
+  return (q, k, v, var, alpha), do, geometry
+
+
+def attention_vjp(impl, args, do, grid, geometry, num_prefix, blocks=None):
+  """Output and gradients w.r.t. (q, k, v, var, alpha), jitted."""
+  f = lambda *a: attention.gaug_attention(*a, grid=grid, geometry=geometry, num_prefix=num_prefix,
+                                          impl=impl, blocks=blocks)
+
+  @jax.jit
+  def run(args, do):
+    o, vjp = jax.vjp(f, *args)
+    return o, vjp(do)
+  return run(args, do)
+
+
+def numpy_attention(q, k, v, var, alpha, grid, geometry, num_prefix):
+  """softmax(q k^T + S) v in float64 with S from the (N, N, 2) squared distances (spec section 2)."""
+  h, w = grid
+  pos = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing='ij'), -1).reshape(h * w, 2)
+  dist = np.minimum((pos[:, None, :] - pos[None, :, :]) ** 2, geometry.dist_max)
+  g = np.exp(-np.sum(0.5 * dist / (var.astype(np.float64)[..., :, None, :] + geometry.eps), axis=-1))
+  logits = np.einsum('bhqd,bhkd->bhqk', q.astype(np.float64), k)
+  logits[..., num_prefix:, num_prefix:] += alpha[..., None] * g
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  return np.einsum('bhqk,bhkd->bhqd', p / p.sum(-1, keepdims=True), v)
+
+
+def rel_err(x, ref):
+  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+  return np.max(np.abs(x - ref)) / np.max(np.abs(ref))
+
+
+@pytest.mark.parametrize('grid, grid0, num_prefix', CASES)
+def test_dense_matches_numpy(grid, grid0, num_prefix):
+  args, do, geometry = random_inputs(grid, grid0, num_prefix)
+  o, _ = attention_vjp('dense', args, do, grid, geometry, num_prefix)
+  assert rel_err(o, numpy_attention(*args, grid, geometry, num_prefix)) < 1e-5
+
+
+@pytest.mark.parametrize('impl', FAST_IMPLS)
+@pytest.mark.parametrize('grid, grid0, num_prefix', CASES)
+def test_matches_dense_in_values_and_gradients(impl, grid, grid0, num_prefix):
+  args, do, geometry = random_inputs(grid, grid0, num_prefix)
+  o_ref, grads_ref = attention_vjp('dense', args, do, grid, geometry, num_prefix)
+  o, grads = attention_vjp(impl, args, do, grid, geometry, num_prefix, blocks=BLOCKS)
+  assert rel_err(o, o_ref) < 1e-5
+  for name, g, g_ref in zip(('q', 'k', 'v', 'var', 'alpha'), grads, grads_ref):
+    assert rel_err(g, g_ref) < 2e-5, name
+
+
+def test_blockwise_default_blocks():
+  """blockwise's own tiles over 1 + 24 * 24 = 577 tokens: two query tiles of 289, one key tile."""
+  args, do, geometry = random_inputs((24, 24), (14, 14), 1, batch=1, heads=1)
+  o_ref, grads_ref = attention_vjp('dense', args, do, (24, 24), geometry, 1)
+  o, grads = attention_vjp('blockwise', args, do, (24, 24), geometry, 1)
+  assert rel_err(o, o_ref) < 1e-5
+  for g, g_ref in zip(grads, grads_ref):
+    assert rel_err(g, g_ref) < 2e-5
+
+
+@pytest.mark.parametrize('impl', FAST_IMPLS)
+def test_bfloat16_inputs(impl):
+  grid, grid0, num_prefix = CASES[1]
+  args, do, geometry = random_inputs(grid, grid0, num_prefix)
+  bf16 = lambda x: jnp.asarray(x, jnp.bfloat16)
+  args16 = tuple(map(bf16, args[:3])) + args[3:]
+  o_ref, grads_ref = attention_vjp('dense', args16, bf16(do), grid, geometry, num_prefix)
+  o, grads = attention_vjp(impl, args16, bf16(do), grid, geometry, num_prefix, blocks=BLOCKS)
+  assert o.dtype == jnp.bfloat16
+  assert [g.dtype for g in grads] == [jnp.bfloat16] * 3 + [jnp.float32] * 2
+  assert rel_err(o, o_ref) < 2e-2
+  for g, g_ref in zip(grads, grads_ref):
+    assert rel_err(g, g_ref) < 5e-2
+
+
+@pytest.mark.parametrize('impl, expected',
+                         [('dense', 2), ('fused', 1), ('blockwise', 0), ('pallas_interpret', 0)])
+def test_residuals_of_size_n_squared(impl, expected, capsys):
+  """What the backward keeps: the softmax and its normaliser (dense), one exp (fused), nothing (tiled)."""
+  grid, grid0, num_prefix = CASES[0]
+  args, _, geometry = random_inputs(grid, grid0, num_prefix)
+  n = args[0].shape[2]
+  print_saved_residuals(lambda *a: attention.gaug_attention(
+      *a, grid=grid, geometry=geometry, num_prefix=num_prefix, impl=impl, blocks=BLOCKS), *args)
+  shapes = re.findall(r'^\w+\[([\d,]*)\]', capsys.readouterr().out, re.M)
+  assert sum(s.endswith(f'{n},{n}') for s in shapes) == expected
+
+
+def test_blockwise_memory_grows_linearly():
+  """XLA's temporaries of forward + backward from 1025 to 4097 tokens (4x): about 16x for fused,
+  about 4x for blockwise."""
+
+  def temp_bytes(impl, side):
+    args, do, geometry = random_inputs((side, side), (14, 14), 1, batch=1, heads=1)
+    f = lambda *a: attention.gaug_attention(*a, grid=(side, side), geometry=geometry, num_prefix=1,
+                                            impl=impl, blocks=(128, 128))
+    fwd_bwd = lambda args, do: jax.vjp(f, *args)[1](do)
+    return jax.jit(fwd_bwd).lower(args, do).compile().memory_analysis().temp_size_in_bytes
+
+  assert temp_bytes('fused', 64) / temp_bytes('fused', 32) > 12
+  assert temp_bytes('blockwise', 64) / temp_bytes('blockwise', 32) < 5
+
+
+def test_pallas_kernels_lower_to_triton():
+  """Forward and both backward kernels pass Pallas' Triton lowering (no GPU needed to lower)."""
+  grid, grid0, num_prefix = CASES[1]
+  args, do, geometry = random_inputs(grid, grid0, num_prefix, head_dim=64)
+  f = lambda *a: attention.gaug_attention(*a, grid=grid, geometry=geometry, num_prefix=num_prefix,
+                                          impl='pallas', blocks=(16, 16))
+  fwd_bwd = lambda args, do: jax.vjp(f, *args)[1](do)
+  text = jax.jit(fwd_bwd).trace(args, do).lower(lowering_platforms=('cuda',)).as_text()
+  assert text.count('custom_call @__gpu$xla.gpu.triton') == 3
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(impl='flash'), "gaug_impl='flash'; expected one of"),
+    (dict(impl='blockwise', blocks=(8, 0)), r'blocks=\(8, 0\); expected two positive tile sizes'),
+    (dict(impl='pallas', blocks=(24, 32)), r'blocks=\(24, 32\); the Triton kernels need powers of two >= 16'),
+    (dict(impl='dense', num_prefix=2), r'17 tokens and var of shape \(2, 2, 16, 2\); expected 2 prefix'),
+])
+def test_errors(kwargs, message):
+  args, _, geometry = random_inputs((4, 4), (4, 4), 1)
+  kwargs = dict(dict(grid=(4, 4), geometry=geometry, num_prefix=1), **kwargs)
+  with pytest.raises(ValueError, match=message):
+    attention.gaug_attention(*args, **kwargs)
+
+
+def test_default_gaug_impl():
+  for backend in ('cpu', 'gpu', 'tpu'):
+    assert attention.default_gaug_impl(backend) in attention.GAUG_IMPLS
+  with pytest.raises(ValueError, match=r"backend='metal'; expected one of \('cpu', 'gpu', 'tpu'\)"):
+    attention.default_gaug_impl('metal')
+
+
+# -- the authors' model ----------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def parity(parity_dir):
+  model = loading.load(str(parity_dir))
+  return model, np.load(parity_dir / 'reference.npz')
+
+
+@pytest.mark.parametrize('impl', attention.GAUG_IMPLS)
+def test_parity_model_under_each_impl(impl, parity):
+  if impl == 'pallas':
+    pytest.skip('compiled Pallas needs a GPU; pallas_interpret runs the same kernels')
+  model, ref = parity
+  vit.model_config('locatvit_ti16', gaug_impl=impl)  # a valid config value
+  model.set_attributes(gaug_impl=impl)
+  logits = nnx.jit(lambda m, x: m(x))(model, ref['images_224'])
+  assert rel_err(logits, ref['logits_224']) < 1e-5
