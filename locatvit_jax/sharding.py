@@ -87,10 +87,18 @@ def tree_shardings(tree, mesh: Mesh):
   Works for params and for optimizer state alike: optax states mirror the params' paths, so
   Adam's moments are sharded like their parameters; scalars (counts) are replicated.
   """
-  def one(path, leaf):
-    key = '/'.join(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k)))) for k in path)
-    return NamedSharding(mesh, spec_for(key, np.shape(leaf), mesh))
-  return jax.tree_util.tree_map_with_path(one, tree)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: NamedSharding(mesh, spec_for(path_key(path), np.shape(leaf), mesh)), tree)
+
+
+def path_key(path) -> str:
+  """'blocks/0/attn/qkv/kernel' for a pytree path, in plain dicts and nnx.State alike.
+
+  An NNX Variable adds a trailing `.value` to its array's path; it is not part of the name.
+  """
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == 'value':
+    path = path[:-1]
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k)))) for k in path)
 
 
 def to_global(local_batch: dict, mesh: Mesh) -> dict:

@@ -61,3 +61,16 @@ def test_warmup_then_linear_decay():
   assert np.all(np.diff(lrs[:21]) > 0) and np.all(np.diff(lrs[20:]) < 0)
   with pytest.raises(ValueError, match='warmup_steps=30, total_steps=20'):
     optim.warmup_linear_decay(1e-3, total_steps=20, warmup_steps=30)
+
+
+def test_rules_and_decay_mask_see_through_nnx_variables():
+  """The trainers pass nnx.State (Variables add a trailing '.value' to each path), not plain dicts."""
+  mesh = sharding.make_mesh(mesh_cfg(data=1, fsdp=4, tensor=2))
+  model = nnx.eval_shape(lambda: locatvit_jax.create_model('locatvit_ti16', num_classes=10, depth=1))
+  _, params, _ = nnx.split(model, nnx.Param, ...)
+  shardings = nnx.to_pure_dict(sharding.tree_shardings(params, mesh))
+  assert shardings['blocks'][0]['attn']['qkv']['kernel'].spec == jax.sharding.PartitionSpec('fsdp', 'tensor')
+  mask = locatvit_jax.loading.flatten(nnx.to_pure_dict(optim.decay_mask(params)))
+  assert sorted(k for k, v in mask.items() if v) == sorted(
+      k for k in mask if k.endswith('/kernel'))
+  assert sum(mask.values()) == 8

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import optax
 
+from locatvit_jax import sharding
+
 
 def decay_mask(params):
   """Weight decay only on matmul/conv kernels: not on biases, norms, position embedding or tokens.
@@ -12,7 +14,7 @@ def decay_mask(params):
   This is timm's rule (no decay for ndim <= 1 and for pos_embed / cls_token / reg_token).
   """
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: str(getattr(path[-1], 'key', path[-1])) == 'kernel', params)
+      lambda path, _: sharding.path_key(path).endswith('/kernel'), params)
 
 
 def warmup_linear_decay(peak: float, total_steps: int, warmup_steps: int,
