@@ -131,8 +131,11 @@ class TrainCheckpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, data_iter, model_cfg, *, force: bool = False) -> bool:
-    """Saves at multiples of save_every, or now with force; returns whether it saved."""
+  def save(self, step: int, state, data_iter, record: dict, *, force: bool = False) -> bool:
+    """Saves at multiples of save_every, or now with force; returns whether it saved.
+
+    `record` (JSON-able) describes the model: ViTConfig fields for pretraining runs.
+    """
     if not force and step % self.save_every:
       return False
     if step == self.manager.latest_step():
@@ -140,7 +143,7 @@ class TrainCheckpointer:
     return self.manager.save(step, force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data_iter=self._grain.checkpoint.CheckpointSave(data_iter),
-        model_config=ocp.args.JsonSave(json.loads(model_cfg.to_json()))))
+        model_config=ocp.args.JsonSave(record)))
 
   def restore(self, step: int, abstract_state, data_iter):
     """Restores the state onto the shardings of `abstract_state`; `data_iter` is repositioned."""

@@ -7,6 +7,7 @@ steps -> the loop (log, evaluate, checkpoint, preemption) -> export.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Callable
 
@@ -171,7 +172,7 @@ def build(config, model_cfg: vit.ViTConfig, mesh, total_steps: int, warmup_steps
                                        config.optim.warmup_init_lr, config.optim.end_lr)
   tx = optim.adamw(schedule, config.optim, abstract_params)
   abstract_state = common.abstract_train_state(abstract_params, tx)
-  shardings = common.state_shardings(abstract_state, mesh)
+  shardings = sharding.tree_shardings(abstract_state, mesh)
   init_state = lambda: common.init_train_state(lambda: nnx.state(new_model(), nnx.Param), tx,
                                                abstract_state, shardings)
   # The state is donated, so parameters and optimizer state are updated in place.
@@ -228,9 +229,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
 
   state, scalars = common.train_loop(
       state=state, start_step=start_step, total_steps=total_steps, step_fn=step_fn,
-      evaluate_fn=evaluate_fn, data_iter=train_iter, ckpt=ckpt, record=model_cfg, workdir=workdir,
+      evaluate_fn=evaluate_fn, data_iter=train_iter, ckpt=ckpt, record=json.loads(model_cfg.to_json()), workdir=workdir,
       config=config)
 
   checkpoint.save_params(os.path.join(workdir, 'export'), loading.params_dict(state['params']), model_cfg)
   logging.info('Done: top-1 %s; params exported to %s/export.', scalars.get('eval_top1'), workdir)
-  return {'eval_top1': scalars.get('eval_top1'), **scalars}
+  return {'eval_top1': None, **scalars}

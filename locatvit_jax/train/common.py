@@ -19,7 +19,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from locatvit_jax import checkpoint, metrics, sharding
+from locatvit_jax import checkpoint, metrics
 
 
 class NonFiniteLossError(RuntimeError):
@@ -33,10 +33,6 @@ def abstract_train_state(params_abstract, tx: optax.GradientTransformation) -> d
       'params': params_abstract,
       'opt_state': jax.eval_shape(tx.init, params_abstract),
   }
-
-
-def state_shardings(abstract_state, mesh):
-  return sharding.tree_shardings(abstract_state, mesh)
 
 
 def init_train_state(init_params_fn, tx, abstract_state, shardings) -> dict:
@@ -143,7 +139,7 @@ def train_loop(*, state, start_step: int, total_steps: int, step_fn, evaluate_fn
 
   step_fn(state) -> (state, device scalars, host scalars): one update on the next batch.
   evaluate_fn(state, step) -> scalars to log (e.g. eval_top1 or miou).
-  `record` (anything with to_json) is stored with every checkpoint. Uses config.log_every,
+  `record` (a JSON-able dict) is stored with every checkpoint. Uses config.log_every,
   eval_every (0: at the end only), checkpoint_every and batch_size.
   Returns (state, the scalars of the last logged step).
   """

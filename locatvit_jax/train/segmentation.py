@@ -49,16 +49,6 @@ def head_config(config, backbone_cfg) -> dict:
           'num_classes': config.data.num_classes, 'hidden': config.head_hidden}
 
 
-class _JsonConfig:
-  """Adapter: TrainCheckpointer stores anything with to_json()."""
-
-  def __init__(self, d: dict):
-    self._d = d
-
-  def to_json(self) -> str:
-    return json.dumps(self._d, indent=1)
-
-
 # -- steps -----------------------------------------------------------------------------------------
 def make_train_step(bb_graphdef, head_graphdef, tx, schedule):
   def loss_fn(head_params, feats, masks):
@@ -162,14 +152,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
                                        config.optim.lr * config.optim.end_factor)
   tx = optim.adamw(schedule, config.optim, abstract_params)
   abstract_state = common.abstract_train_state(abstract_params, tx)
-  shardings = common.state_shardings(abstract_state, mesh)
+  shardings = sharding.tree_shardings(abstract_state, mesh)
   ckpt = checkpoint.TrainCheckpointer(workdir, save_every=config.checkpoint_every,
                                       max_to_keep=config.keep_checkpoints)
   init_fn = lambda: common.init_train_state(lambda: nnx.state(new_head(), nnx.Param), tx,
                                             abstract_state, shardings)
   state = common.restore_or_init(ckpt, train_iter, abstract_state, shardings, init_fn)
   start_step = common.host_int(state['step'])
-  record = _JsonConfig(head_config(config, bb_cfg))
+  record = head_config(config, bb_cfg)
 
   batch_sh = sharding.batch_sharding(mesh)
   train_step = jax.jit(make_train_step(bb_graphdef, head_graphdef, tx, schedule),
