@@ -4,7 +4,8 @@ r"""Times the project's real jitted training step (the one `locatvit_jax.main` r
   python -m benchmarks.train_step --model=locatvit_ti16 --size=512 --batch=8 --forward
 
 The last line printed is JSON: img_per_s, step_ms (median over --steps after --warmup), compile_s,
-peak_rss_mb (process peak after the primary model ran, before any paired model is built), backend;
+peak_rss_mb (process peak after the primary model ran, before any paired model is built),
+xla_temp_mb (XLA's temporary buffers of the compiled step), backend;
 with --pair also the plain ViT of the same size timed the same way, interleaved step by step in the
 same process, and `ratio` = primary step time / ViT step time.
 
@@ -53,6 +54,7 @@ def cpu_env_reexec() -> None:
 def bench_config(model: str):
   from configs import common
   from locatvit_jax.models import vit
+  vit.model_config(model)  # validates the name first: a clear error for an unknown one
   kind, size = model.split('_')[0], model.split('_')[1].rstrip('0123456789')
   config = common.classification_config(size, 'locat' if kind == 'locatvit' else 'vit')
   config.model.img_size = _SIZE.value
@@ -62,7 +64,6 @@ def bench_config(model: str):
     config.model.gaug_impl = _GAUG_IMPL.value
   config.batch_size = config.eval_batch_size = _BATCH.value
   config.mesh.update(dict(data=-1, fsdp=1, tensor=1))
-  vit.model_config(model)  # validates the name
   return config
 
 
@@ -85,6 +86,7 @@ class Runner:
     self.batch = sharding.to_global(batch, mesh)
     self.rest = setup.rest
     self.state = setup.init_state()
+    t0 = time.perf_counter()
     if _FORWARD.value:
       graphdef = setup.graphdef
 
@@ -93,14 +95,17 @@ class Runner:
         m = nnx.merge(graphdef, params, rest)
         m.eval()
         return m.features(images)
-      fwd = jax.jit(features)
+      fwd = jax.jit(features).lower(self.state['params'], self.rest, self.batch['image']).compile()
+      self.memory = fwd.memory_analysis()
       self._run = lambda: fwd(self.state['params'], self.rest, self.batch['image']).block_until_ready()
     else:
+      step = setup.train_step.lower(self.state, self.rest, self.batch).compile()
+      self.memory = step.memory_analysis()
+
       def run():
-        self.state, scalars = setup.train_step(self.state, self.rest, self.batch)
+        self.state, scalars = step(self.state, self.rest, self.batch)
         jax.block_until_ready(scalars)
       self._run = run
-    t0 = time.perf_counter()
     self._run()
     self.compile_s = time.perf_counter() - t0
     for _ in range(_WARMUP.value):
@@ -115,7 +120,9 @@ class Runner:
   def result(self) -> dict:
     step_s = statistics.median(self.times)
     return {'step_ms': round(step_s * 1e3, 2), 'img_per_s': round(_BATCH.value / step_s, 3),
-            'compile_s': round(self.compile_s, 2)}
+            'compile_s': round(self.compile_s, 2),
+            # XLA's own buffers of the compiled step: deterministic, unlike the process RSS.
+            'xla_temp_mb': round(self.memory.temp_size_in_bytes / 2**20, 1)}
 
 
 def peak_rss_mb() -> float:

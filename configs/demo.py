@@ -1,14 +1,15 @@
 r"""The offline demo: pretrain a small LocAtViT on scenes of real handwritten digits, then finetune
 the frozen-backbone segmentation head on their masks; print top-1 and mIoU.
 
-Command (no download, no GPU; 7 min 46 s measured on 2 busy CPU cores):
+Command (no download, no GPU; 5 min 58 s measured on 2 CPU cores, dataset build included):
   python -m locatvit_jax.main --config=configs/demo.py --workdir=/tmp/demo
-The paper's claim at small scale (ViT, GAug only, PRR only, LocAtViT x 3 seeds, 12 such runs):
+The paper's claim at small scale (ViT, GAug only, PRR only, LocAtViT x 3 seeds, 12 such runs, 68 min):
   python -m locatvit_jax.main --config=configs/demo.py:compare --workdir=/tmp/demo_compare
 The digits are the 1,797 scans shipped with scikit-learn, composed into 64 px scenes
 (locatvit_jax/data/demo.py); the dataset is built once into ~/.cache/locatvit_jax/tfds.
-Expected: see the README ("Demo"): with this budget the small ViT stays near chance on the scene
-labels; the recipe still needs tuning before the comparison is meaningful.
+Expected: `DEMO RESULT (LocAtViT): top-1 79.60%  mIoU 25.33%`. Compare, mean over seeds 0-2
+(top-1 / mIoU %): ViT 41.8 / 15.3, GAug only 44.2 / 15.8, PRR only 61.4 / 18.6,
+LocAtViT 75.7 / 23.7; the full table is in the README ("Demo").
 """
 
 import ml_collections
@@ -35,17 +36,17 @@ def get_config(arg=None):
   # Stage 1: classification of the scene's main digit. A 4-block, width-96 ViT at patch 8
   # (an 8x8 grid on 64 px) so GAug has a grid to shape its kernels on.
   pre = common.classification_config('ti', 'locat')
-  pre.model.update(dict(img_size=64, patch_size=8, width=96, depth=4, num_heads=3, mlp_dim=384, drop_path=0.05))
+  pre.model.update(dict(img_size=64, patch_size=8, width=96, depth=4, num_heads=3, mlp_dim=384, drop_path=0.0))
   pre.data.update(dict(num_classes=10, train_split='train', eval_split='validation'))
-  # Digits are not mirror-symmetric and fill the scene: no flips, mild crops, light RandAugment.
-  pre.aug.update(dict(rrc_scale=(0.6, 1.0), hflip=0.0, randaug_num_ops=1, randaug_magnitude=5.0,
-                      erase_prob=0.1, eval_resize=64))
+  # A short budget: little augmentation (digits are not mirror-symmetric, crops must keep the main
+  # digit) and small batches, which took the model further per second than 64 or 128 here.
+  pre.aug.update(dict(rrc_scale=(0.85, 1.0), hflip=0.0, randaug_num_ops=0, erase_prob=0.0, eval_resize=64))
   pre.mixup.update(dict(mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.1))
   pre.input.worker_count = 0
-  pre.batch_size = pre.eval_batch_size = 128
-  pre.epochs, pre.warmup_epochs = 6, 1
-  pre.optim.update(dict(lr=1e-3, lr_base_batch=128, warmup_init_lr=1e-5, end_lr=1e-5))
-  pre.log_every, pre.eval_every, pre.checkpoint_every = 20, 0, 200
+  pre.batch_size, pre.eval_batch_size = 32, 128
+  pre.epochs, pre.warmup_steps = 6, 125
+  pre.optim.update(dict(lr=1e-3, lr_base_batch=32, warmup_init_lr=1e-5, end_lr=1e-5))
+  pre.log_every, pre.eval_every, pre.checkpoint_every = 50, 0, 500
   pre.export_best = False
   c.pretrain = pre
 
@@ -61,8 +62,11 @@ def get_config(arg=None):
   seg.head_hidden = 128
   seg.input.worker_count = 0
   seg.batch_size = 64
-  seg.total_steps = 300
-  seg.log_every, seg.checkpoint_every = 20, 300
+  # The head sees 11 classes through an 8x8 grid of features: it needs more steps than the paper's
+  # rate allows in a few minutes, so a higher rate (300 steps at 1e-3 reached 15% mIoU, 1200 at 4e-3 26%).
+  seg.total_steps = 1000
+  seg.optim.lr = 4e-3
+  seg.log_every, seg.checkpoint_every = 100, 1000
   seg.num_pictures = 6
   c.finetune = seg
   return c

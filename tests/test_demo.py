@@ -14,7 +14,7 @@ def tiny_demo_config(data_dir, mode=None):
   c.pretrain.model.update(dict(img_size=32, width=32, depth=2, num_heads=2, mlp_dim=64))
   c.pretrain.aug.eval_resize = 32
   c.pretrain.batch_size = c.pretrain.eval_batch_size = 16
-  c.pretrain.epochs, c.pretrain.warmup_epochs = 1, 0
+  c.pretrain.epochs, c.pretrain.warmup_steps = 1, 1
   c.pretrain.log_every = 2
   c.finetune.crop_size = 32
   c.finetune.train_scale = c.finetune.eval_scale = (32, 32)

@@ -43,7 +43,7 @@ def test_same_seed_same_bytes_and_another_seed_differs(built, tmp_path):
 def test_build_is_reused_and_settings_do_not_collide(built):
   data_dir, name = built
   assert demo.build_demo_dataset(data_dir, seed=0, **TINY) == name  # prepared: nothing rebuilt
-  assert name == 'locat_digit_scenes/px32_train200_val50_seed0:1.0.0'
+  assert name == 'locat_digit_scenes/px32_train200_val50_seed0:2.0.0'
   assert demo.DigitScenesConfig.of(32, 200, 50, 0).name != demo.DigitScenesConfig.of(32, 200, 51, 0).name
 
 
@@ -65,6 +65,16 @@ def test_records_labels_and_masks_agree(built):
       assert shown <= {0} | {1 + int(c) for c in classes}
   labels = [int(r['label']) for r in _records(data_dir, name, 'train')]
   assert len(set(labels)) == demo.NUM_CLASSES  # every class occurs
+
+
+def test_ink_is_darker_than_paper(built):
+  # The property that makes the scenes learnable in minutes: every digit's ink is darker than the
+  # paper around it, whatever the colours.
+  data_dir, name = built
+  for r in _records(data_dir, name, 'train')[:50]:
+    brightness, mask = r['image'].astype(np.float32).mean(-1), r['mask'][..., 0]
+    for cls in np.unique(mask[mask > 0]):
+      assert brightness[mask == cls].mean() < brightness[mask == 0].mean() - 60, cls
 
 
 def test_validation_only_shows_unseen_handwriting(built):
