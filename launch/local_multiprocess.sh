@@ -41,8 +41,10 @@ fi
 # The repo on PYTHONPATH: `-m locatvit_jax.main` and the configs' `from configs import ...` work from
 # any directory, while relative --workdir/--config paths keep meaning the caller's directory.
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# The CPU XLA flags of benchmarks/cpu_env.py (plain dots on Eigen; the memory-minimising scheduler).
+cpu_xla_flags="--xla_cpu_experimental_ynn_fusion_type=-individual_dot --xla_cpu_enable_concurrency_optimized_scheduler=false"
 env_vars=(
-  "XLA_FLAGS=${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$devices"
+  "XLA_FLAGS=${XLA_FLAGS:+$XLA_FLAGS }$cpu_xla_flags --xla_force_host_platform_device_count=$devices"
   "PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH}"
   PYTHONUNBUFFERED=1  # lines reach the prefixer as they are printed
 )

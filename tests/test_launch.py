@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import locatvit_jax
+from benchmarks import cpu_env
 from tests.conftest import REPO
 
 LOCAL = REPO / 'launch' / 'local_multiprocess.sh'
@@ -103,7 +104,7 @@ def test_local_dry_run_commands(tmp_path, tcmalloc):
   commands = dry_run(sh(LOCAL, '--dry-run', 3, '--', '--config=configs/vit_ti.py', '--workdir=/tmp/w x', env=env))
   preload = [f'LD_PRELOAD={lib}', 'TCMALLOC_RELEASE_RATE=0'] if tcmalloc == 'found' else []
   assert commands == [
-      ['env', 'XLA_FLAGS=--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=4',
+      ['env', f'XLA_FLAGS=--xla_dump_to=/tmp/x {cpu_env.CPU_XLA_FLAGS} --xla_force_host_platform_device_count=4',
        f'PYTHONPATH={REPO}:/elsewhere', 'PYTHONUNBUFFERED=1', *preload,
        'py', '-m', 'locatvit_jax.main', '--config=configs/vit_ti.py', '--workdir=/tmp/w x',
        '--coordinator_address=127.0.0.1:12345', '--num_processes=3', f'--process_id={i}']
