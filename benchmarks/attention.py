@@ -35,7 +35,6 @@ from benchmarks import cpu_env
 
 from locatvit_jax.models import attention, locat
 
-# The CPU environment of benchmarks/train_step.py (whose flags clash with these, so no import).
 IMPLS = ('plain',) + attention.GAUG_IMPLS
 
 _IMPL = flags.DEFINE_enum('impl', 'fused', IMPLS, 'Attention implementation; plain = no GAug.')
