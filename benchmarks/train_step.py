@@ -52,7 +52,7 @@ def cpu_env_reexec() -> None:
 
 
 def bench_config(model: str):
-  from configs import common
+  from locatvit_jax.configs import common
   from locatvit_jax.models import vit
   vit.model_config(model)  # validates the name first: a clear error for an unknown one
   kind, size = model.split('_')[0], model.split('_')[1].rstrip('0123456789')

@@ -38,7 +38,7 @@ else  # The OS hands out a free port; the coordinator binds it a moment later.
   port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 fi
 
-# The repo on PYTHONPATH: `-m locatvit_jax.main` and the configs' `from configs import ...` work from
+# The repo on PYTHONPATH: `-m locatvit_jax.main` works from a clone that was not pip-installed, from
 # any directory, while relative --workdir/--config paths keep meaning the caller's directory.
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # The CPU XLA flags of benchmarks/cpu_env.py (plain dots on Eigen; the memory-minimising scheduler).

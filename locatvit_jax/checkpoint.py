@@ -7,61 +7,64 @@ Two on-disk layouts:
     DIR/params/              Orbax StandardCheckpointer tree: a plain nested dict of arrays
     DIR/model_config.json    ViTConfig fields
 
-  Any JAX program reads the params with Orbax alone:
-  `ocp.StandardCheckpointer().restore(os.path.abspath('DIR/params'))`.
+  The arrays are written from host memory (gathered from every device and process first), so
+  any JAX program on any number of devices reads them with Orbax alone, as numpy arrays:
+  `ocp.StandardCheckpointer().restore(os.path.abspath('DIR/params'))` (or a gs:// URL).
 
 * Training checkpoints (written by the trainers through `TrainCheckpointer`)::
 
     WORKDIR/checkpoints/<step>/state         {'params', 'opt_state', 'step', ...}, sharded arrays
     WORKDIR/checkpoints/<step>/data_iter     the Grain iterator position of this process
     WORKDIR/checkpoints/<step>/model_config  ViTConfig fields (JSON)
+    WORKDIR/checkpoints/<step>/progress      the loop's own state, e.g. the best eval top-1 (JSON)
 """
 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
+
+from locatvit_jax import paths
 
 PARAMS_DIR = 'params'
 CONFIG_FILE = 'model_config.json'
 CHECKPOINTS_DIR = 'checkpoints'
 
 
-def _abs(path) -> epath.Path:
-  path = os.fspath(path)
-  return epath.Path(path if '://' in path else os.path.abspath(path))
-
-
 # -- params export ---------------------------------------------------------------------------------
 def is_params_export(path) -> bool:
-  p = _abs(path)
+  p = paths.path(path)
   return (p / PARAMS_DIR).is_dir() and (p / CONFIG_FILE).exists()
 
 
 def save_params(path, params: dict, model_cfg) -> None:
-  """Writes the params export (blocking; only process 0 writes metadata, all write their shards)."""
-  p = _abs(path)
-  p.mkdir(parents=True, exist_ok=True)
+  """Writes the params export (blocking; every process calls it, process 0 writes the files).
+
+  Sharded arrays are gathered to host numpy first: an export records no device layout, so a
+  checkpoint from a pod restores without a target on a laptop.
+  """
+  p = paths.path(path)
+  host_params = jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(p / PARAMS_DIR, params, force=True)
+  ckptr.save(p / PARAMS_DIR, host_params, force=True)
   ckptr.wait_until_finished()
   if jax.process_index() == 0:
-    (p / CONFIG_FILE).write_text(model_cfg.to_json())
+    paths.write_text(p / CONFIG_FILE, model_cfg.to_json())
 
 
 def restore_params(path) -> tuple[dict, dict]:
   """(params as numpy nested dict, model config dict) from a params export or training checkpoints."""
-  p = _abs(path)
+  p = paths.path(path)
   if is_params_export(p):
     meta = ocp.StandardCheckpointer().metadata(p / PARAMS_DIR).item_metadata
     params = ocp.StandardCheckpointer().restore(p / PARAMS_DIR, _numpy_targets(meta))
-    return params, json.loads((p / CONFIG_FILE).read_text())
+    return params, json.loads(paths.read_text(p / CONFIG_FILE))
   step_dir = find_training_step(p)
   if step_dir is None:
     raise ValueError(f'{path}: neither a params export ({PARAMS_DIR}/ + {CONFIG_FILE}) nor training checkpoints')
@@ -71,7 +74,7 @@ def restore_params(path) -> tuple[dict, dict]:
       item={'params': _numpy_targets(meta['params'])},
       restore_args={'params': jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), _numpy_targets(meta['params']))},
       partial_restore=True))
-  cfg = json.loads((step_dir / 'model_config' / 'metadata').read_text())
+  cfg = json.loads(paths.read_text(step_dir / 'model_config' / 'metadata'))
   return _unwrap_variables(state['params']), cfg
 
 
@@ -91,7 +94,7 @@ def _numpy_targets(meta_tree) -> Any:
 
 def find_training_step(path) -> epath.Path | None:
   """The newest complete step directory under a workdir, its checkpoints/ or a step dir itself."""
-  p = _abs(path)
+  p = paths.path(path)
   if (p / 'state').is_dir() and (p / 'model_config').is_dir():
     return p
   for root in (p / CHECKPOINTS_DIR, p):
@@ -104,7 +107,7 @@ def find_training_step(path) -> epath.Path | None:
 
 # -- training checkpoints ------------------------------------------------------------------------
 class TrainCheckpointer:
-  """Async CheckpointManager over WORKDIR/checkpoints: train state + Grain iterator + model config.
+  """Async CheckpointManager over WORKDIR/checkpoints: train state, Grain iterator, model config, progress.
 
   Saves every `save_every` steps keeping the newest `max_to_keep`; `save(..., force=True)` saves
   now (end of training, preemption). Restoring takes an abstract state whose leaves carry the
@@ -115,7 +118,7 @@ class TrainCheckpointer:
     import grain  # the Grain handler registers its Orbax args on import
 
     self._grain = grain
-    self.directory = _abs(workdir) / CHECKPOINTS_DIR
+    self.directory = paths.path(workdir) / CHECKPOINTS_DIR
     self.save_every = save_every
     self.manager = ocp.CheckpointManager(
         self.directory,
@@ -126,15 +129,17 @@ class TrainCheckpointer:
             'state': ocp.StandardCheckpointHandler(),
             'data_iter': grain.checkpoint.CheckpointHandler(),
             'model_config': ocp.JsonCheckpointHandler(),
+            'progress': ocp.JsonCheckpointHandler(),
         })
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, data_iter, record: dict, *, force: bool = False) -> bool:
+  def save(self, step: int, state, data_iter, record: dict, progress: dict, *, force: bool = False) -> bool:
     """Saves at multiples of save_every, or now with force; returns whether it saved.
 
-    `record` (JSON-able) describes the model: ViTConfig fields for pretraining runs.
+    `record` (JSON-able) describes the model: ViTConfig fields for pretraining runs. `progress`
+    (JSON-able) is what the loop must carry across a resume besides the state (the best top-1).
     """
     if not force and step % self.save_every:
       return False
@@ -143,14 +148,16 @@ class TrainCheckpointer:
     return self.manager.save(step, force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data_iter=self._grain.checkpoint.CheckpointSave(data_iter),
-        model_config=ocp.args.JsonSave(record)))
+        model_config=ocp.args.JsonSave(record),
+        progress=ocp.args.JsonSave(progress)))
 
-  def restore(self, step: int, abstract_state, data_iter):
-    """Restores the state onto the shardings of `abstract_state`; `data_iter` is repositioned."""
+  def restore(self, step: int, abstract_state, data_iter) -> tuple[Any, dict]:
+    """(state on the shardings of `abstract_state`, progress); `data_iter` is repositioned."""
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
-        data_iter=self._grain.checkpoint.CheckpointRestore(data_iter)))
-    return restored['state']
+        data_iter=self._grain.checkpoint.CheckpointRestore(data_iter),
+        progress=ocp.args.JsonRestore()))
+    return restored['state'], dict(restored['progress'])
 
   def read_state(self, step: int) -> dict:
     """The saved train state as written (for inspection and tests; no target shardings)."""

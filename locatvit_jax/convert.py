@@ -10,7 +10,6 @@ block index. Transforms are exact (transposes), so timm -> ours -> timm is bit-i
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from typing import Callable
@@ -18,7 +17,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from locatvit_jax import checkpoint, loading
+from locatvit_jax import checkpoint, loading, paths
 
 # (timm key, our path, transform name). Our paths address ViT's nnx.Param tree.
 RULES = [
@@ -108,12 +107,11 @@ def to_orbax(src: str, dst: str) -> None:
 
 def to_timm(src: str, dst: str) -> None:
   """Writes a timm-layout .safetensors that the authors' code loads with load_state_dict."""
-  from safetensors.numpy import save_file
+  from safetensors.numpy import save
   model = loading.load(src)
   params = loading.flatten(jax.tree.map(np.asarray, loading.get_params(model)))
   state = ours_to_timm(params, gap=model.cfg.pool == 'gap')
-  os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-  save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, dst)
+  paths.write_bytes(dst, save({k: np.ascontiguousarray(v) for k, v in state.items()}))
 
 
 def main(argv=None) -> int:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import statistics
 
 import jax
 import numpy as np
 from absl import logging
 
-from locatvit_jax import loading, viz
+from locatvit_jax import loading, paths, viz
 from locatvit_jax.data import demo as demo_data
 from locatvit_jax.data import sources, transforms
 from locatvit_jax.models import vit
@@ -28,7 +27,7 @@ VARIANT_NAMES = {'vit': 'ViT', 'gaug': 'GAug only', 'prr': 'PRR only', 'locat': 
 
 
 def _data_dir(config) -> str:
-  return os.path.expanduser(config.data.data_dir or os.path.join('~', '.cache', 'locatvit_jax', 'tfds'))
+  return str(paths.path(config.data.data_dir or '~/.cache/locatvit_jax/tfds'))
 
 
 def prepare_data(config) -> str:
@@ -46,34 +45,35 @@ def stage_configs(config, dataset: str, variant: str, seed: int, workdir: str):
   pre.data.update(dict(kind='tfds', name=dataset, data_dir=_data_dir(config)))
   seg = copy.deepcopy(config.finetune)
   seg.seed = seed
-  seg.init = os.path.join(workdir, 'pretrain', 'export')
+  seg.init = str(paths.path(workdir) / 'pretrain' / 'export')
   seg.data.update(dict(kind='tfds', name=dataset, data_dir=_data_dir(config)))
   return pre, seg
 
 
 def run_one(config, dataset: str, variant: str, seed: int, workdir: str) -> dict:
+  """One pretraining + segmentation run; a finished stage in `workdir` is read back, not redone."""
   pre, seg = stage_configs(config, dataset, variant, seed, workdir)
   logging.info('[%s seed %d] pretraining on digit scenes', variant, seed)
-  cls = classification.train_and_evaluate(pre, os.path.join(workdir, 'pretrain'))
+  cls = classification.train_and_evaluate(pre, paths.path(workdir) / 'pretrain')
   logging.info('[%s seed %d] finetuning the segmentation head on the frozen backbone', variant, seed)
-  segm = segmentation.train_and_evaluate(seg, os.path.join(workdir, 'segment'))
+  segm = segmentation.train_and_evaluate(seg, paths.path(workdir) / 'segment')
   return {'variant': variant, 'seed': seed, 'top1': cls['eval_top1'], 'miou': segm['miou']}
 
 
 def draw_pictures(config, dataset: str, workdir: str) -> list[str]:
   """GAug kernels and attention maps of the pretrained backbone on a few validation scenes."""
-  model = loading.load(os.path.join(workdir, 'pretrain', 'export'))
+  model = loading.load(paths.path(workdir) / 'pretrain' / 'export')
   source = sources.tfds_source(dataset, 'validation', _data_dir(config))
   images = [np.asarray(transforms.to_rgb(source[i]['image'])) for i in range(config.num_pictures)]
-  paths = []
+  pictures = []
   for i, image in enumerate(images):
     x = (image.astype(np.float32) / 255.0 - 0.5) / 0.5
     if model.cfg.gaug:
-      paths.append(os.path.join(workdir, f'gaug_kernels_{i}.png'))
-      viz.save_gaug_kernels(paths[-1], model, x, layers=config.picture_layers, query_patches=config.picture_queries)
-    paths.append(os.path.join(workdir, f'attention_{i}.png'))
-    viz.save_attention_maps(paths[-1], model, x, layers=config.picture_layers, query_patches=config.picture_queries)
-  return paths
+      pictures.append(viz.save_gaug_kernels(paths.path(workdir) / f'gaug_kernels_{i}.png', model, x,
+                                            layers=config.picture_layers, query_patches=config.picture_queries))
+    pictures.append(viz.save_attention_maps(paths.path(workdir) / f'attention_{i}.png', model, x,
+                                            layers=config.picture_layers, query_patches=config.picture_queries))
+  return [str(p) for p in pictures]
 
 
 def run(config, workdir: str) -> dict:
@@ -94,15 +94,13 @@ def compare(config, dataset: str, workdir: str) -> dict:
   rows = []
   for variant in config.compare.variants:
     for seed in config.compare.seeds:
-      rows.append(run_one(config, dataset, variant, seed, os.path.join(workdir, f'{variant}_seed{seed}')))
+      rows.append(run_one(config, dataset, variant, seed, str(paths.path(workdir) / f'{variant}_seed{seed}')))
   table = summarize(rows)
   if jax.process_index() == 0:
     text = compare_markdown(table, config)
-    with open(os.path.join(workdir, 'compare.md'), 'w') as f:
-      f.write(text)
-    with open(os.path.join(workdir, 'compare.json'), 'w') as f:
-      json.dump(rows, f, indent=1)
-    viz.save_bar_chart(os.path.join(workdir, 'compare.png'), {
+    paths.write_text(paths.path(workdir) / 'compare.md', text)
+    paths.write_text(paths.path(workdir) / 'compare.json', json.dumps(rows, indent=1))
+    viz.save_bar_chart(paths.path(workdir) / 'compare.png', {
         VARIANT_NAMES[v]: {'top-1 (%)': [100 * r['top1'] for r in rows if r['variant'] == v],
                            'mIoU (%)': [100 * r['miou'] for r in rows if r['variant'] == v]}
         for v in table}, title='Digit scenes: mean and std over seeds')

@@ -12,9 +12,9 @@ patch, registers, classes, image size, GAug) and `config.json` (heads, PRR, pool
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 import re
 from typing import Any
 
@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from locatvit_jax import checkpoint
+from locatvit_jax import checkpoint, paths
 from locatvit_jax.models.vit import SIZES, ViT, ViTConfig
 
 _TORCH_SUFFIXES = ('.pth', '.pt', '.bin')
@@ -102,12 +102,13 @@ def _describe(cfg: ViTConfig) -> str:
 
 
 # -- reading the authors' files ------------------------------------------------------------------
-def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """A timm state dict from .safetensors (no torch needed) or .pth/.pt/.bin (needs torch)."""
-  if path.endswith('.safetensors'):
-    from safetensors.numpy import load_file
-    return load_file(path)
-  if path.endswith(_TORCH_SUFFIXES):
+def read_state_dict(path) -> dict[str, np.ndarray]:
+  """A timm state dict from .safetensors (no torch needed) or .pth/.pt/.bin (needs torch), local or gs://."""
+  path = paths.path(path)
+  if path.suffix == '.safetensors':
+    from safetensors.numpy import load
+    return load(paths.read_bytes(path))
+  if path.suffix in _TORCH_SUFFIXES:
     try:
       import torch
     except ImportError as e:
@@ -115,7 +116,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
           f'reading {path} needs PyTorch, which is not installed: `pip install torch`, or convert it '
           'to .safetensors where torch is available (safetensors.torch.save_file(sd, "model.safetensors"))'
       ) from e
-    sd = torch.load(path, map_location='cpu', weights_only=True)
+    sd = torch.load(io.BytesIO(paths.read_bytes(path)), map_location='cpu', weights_only=True)
     for key in ('model', 'state_dict', 'model_ema'):  # training checkpoints wrap the state dict
       if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
         sd = sd[key]
@@ -176,29 +177,26 @@ def _timm_model(state, hf, overrides) -> ViT:
 
 
 # -- the public entry ------------------------------------------------------------------------------
-def load_with_config(path: str, **overrides) -> ViT:
-  path = os.fspath(path)
-  if not os.path.exists(path):
+def load_with_config(path, **overrides) -> ViT:
+  path = paths.path(path)
+  if not path.exists():
     raise FileNotFoundError(f'{path}: no such file or directory')
-  if os.path.isfile(path):
+  if not path.is_dir():
     return _timm_model(read_state_dict(path), None, overrides)
   if checkpoint.is_params_export(path) or checkpoint.find_training_step(path):
     params, cfg_dict = checkpoint.restore_params(path)
     cfg_dict.update(overrides)
     return build_model(ViTConfig.from_dict(cfg_dict), params)
-  hf_path = os.path.join(path, 'config.json')
+  hf_path = path / 'config.json'
   for weights in ('model.safetensors', 'pytorch_model.bin'):
-    if os.path.isfile(os.path.join(path, weights)):
-      hf = {}
-      if os.path.isfile(hf_path):
-        with open(hf_path) as f:
-          hf = json.load(f)
-      return _timm_model(read_state_dict(os.path.join(path, weights)), hf, overrides)
+    if (path / weights).exists():
+      hf = json.loads(paths.read_text(hf_path)) if hf_path.exists() else {}
+      return _timm_model(read_state_dict(path / weights), hf, overrides)
   raise ValueError(f'{path}: found neither params/ + model_config.json, training checkpoints, '
                    'nor config.json + model.safetensors')
 
 
-def load(path: str, **overrides) -> ViT:
+def load(path, **overrides) -> ViT:
   """A model in evaluation mode from any supported checkpoint (module docstring).
 
   `overrides` set ViTConfig fields the files cannot tell (e.g. `prr=False`, `dtype='bfloat16'`).

@@ -1,12 +1,22 @@
 """Entry point for every job: python -m locatvit_jax.main --config=configs/vit_b.py --workdir=DIR.
 
-`--config` is an ml_collections config file (`configs/NAME.py[:ARG]`; override any field with
-`--config.a.b=value`). `config.task` picks the job. On Cloud TPU, SLURM, Open MPI and Kubernetes,
-`jax.distributed.initialize()` finds its peers by itself; elsewhere pass --coordinator_address,
---num_processes and --process_id, or run a single process.
+Installed, the same command is `locatvit-train --config=configs/vit_b.py --workdir=DIR`.
+`--config` is an ml_collections config file, `FILE.py[:ARG]`; `configs/NAME.py` names the
+package's own configs (locatvit_jax/configs/) unless such a file exists where you run. Override
+any field with `--config.a.b=value`. `config.task` picks the job. On Cloud TPU, SLURM, Open MPI
+and Kubernetes, `jax.distributed.initialize()` finds its peers by itself; elsewhere pass
+--coordinator_address, --num_processes and --process_id, or run a single process.
+
+Bad settings and inputs (ValueError, FileNotFoundError) end the run with one `error:` line and
+exit status 2; the traceback is logged at debug level (`--verbosity=1`).
 """
 
+import json
 import os
+import pathlib
+import re
+import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -54,16 +64,69 @@ def main(argv):
   initialize_distributed()
   import jax
   try:
-    run(_CONFIG.value, _WORKDIR.value)
+    result = run(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, FileNotFoundError) as e:
+    if jax.process_count() > 1:
+      _exit_now(jax)
+    logging.debug('%s', traceback.format_exc())
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.exit(2)
   except Exception:  # pylint: disable=broad-except
     if jax.process_count() == 1:
       raise
-    # Peers wait in collectives for this process; a normal exit would block in JAX's shutdown
-    # barrier for minutes. Exiting hard lets launchers see the failure and stop the others.
-    logging.exception('Process %d failed; exiting without waiting for the others.', jax.process_index())
-    logging.flush()
-    os._exit(1)
+    _exit_now(jax)
+  if jax.process_index() == 0:
+    print('Final metrics: ' + json.dumps(_jsonable(result)), flush=True)
+
+
+def _exit_now(jax):
+  # Peers wait in collectives for this process; a normal exit would block in JAX's shutdown
+  # barrier for minutes. Exiting hard lets launchers see the failure and stop the others.
+  logging.exception('Process %d failed; exiting without waiting for the others.', jax.process_index())
+  logging.flush()
+  os._exit(1)
+
+
+def _jsonable(result) -> dict:
+  """Scalars of a job's result (arrays such as per-class IoU are in the workdir's files)."""
+  return {k: v for k, v in (result or {}).items() if isinstance(v, (int, float, str, type(None)))}
+
+
+_PACKAGE_CONFIGS = pathlib.Path(__file__).parent / 'configs'
+
+
+def resolve_config_arg(argv: list[str]) -> list[str]:
+  """`--config=configs/NAME.py[:ARG]` -> the packaged config, unless that file exists here."""
+  def resolve(value: str) -> str:
+    file, sep, arg = value.partition(':')
+    m = re.fullmatch(r'(?:\./)?configs/(\w+\.py)', file)
+    if m and not os.path.exists(file) and (_PACKAGE_CONFIGS / m.group(1)).exists():
+      return str(_PACKAGE_CONFIGS / m.group(1)) + sep + arg
+    return value
+  out, i = [], 0
+  while i < len(argv):
+    a = argv[i]
+    if a.startswith('--config='):
+      a = '--config=' + resolve(a[len('--config='):])
+    elif a == '--config' and i + 1 < len(argv):
+      out.append(a)
+      i += 1
+      a = resolve(argv[i])
+    out.append(a)
+    i += 1
+  return out
+
+
+def cli() -> None:
+  """The `locatvit-train` console script (and `python -m locatvit_jax.main`)."""
+  argv = resolve_config_arg(sys.argv)
+  if any(a in ('-h', '--help') for a in argv[1:]):  # absl's own --help lists no flags of ours, exits 1
+    packaged = sorted(p.name for p in _PACKAGE_CONFIGS.glob('*.py') if p.name not in ('__init__.py', 'common.py'))
+    print(f'{__doc__.strip()}\n\nPackaged configs (--config=configs/NAME.py): {", ".join(packaged)}\n\n'
+          f'Flags:\n{flags.FLAGS.module_help(sys.modules[__name__])}')
+    sys.exit(0)
+  app.run(main, argv=argv)
 
 
 if __name__ == '__main__':  # Grain workers re-import __main__: nothing may run on import.
-  app.run(main)
+  cli()

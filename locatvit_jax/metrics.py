@@ -8,16 +8,25 @@ file whose records are `Event` protocol buffers, each framed as
 (little endian). The first event carries only `file_version`; every later one a `Summary` of
 `simple_value` scalars, which TensorBoard's scalar dashboard reads.
 
-Only process 0 writes (in multi-process JAX all processes compute the same scalars). A resumed
-run appends to the same `metrics.jsonl`, so steps redone after a restart appear twice; readers keep
-the last row of each step.
+Only process 0 writes (in multi-process JAX all processes compute the same scalars).
+
+Object stores (gs://) cannot append and upload a file only when it is closed, so every write
+replaces whole files: each writer (one per run or resume) keeps its rows in numbered parts of at
+most `ROWS_PER_PART` rows, and rewrites the current part after each row, as
+
+    WORKDIR/metrics/<writer id>-<part>.jsonl
+    WORKDIR/events.out.tfevents.<writer id>.<host>.<part>
+
+(the writer id is the start time in nanoseconds, so names sort in writing order; TensorBoard reads
+every event file of a folder). A crash loses nothing already written, and no write costs more than
+one part. `read_metrics(workdir)` merges the parts; steps redone after a resume keep their newest
+row.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import socket
 import struct
 import sys
@@ -25,9 +34,11 @@ import time
 from typing import Mapping, TextIO
 
 import jax
-from etils import epath
 
-JSONL_FILE = 'metrics.jsonl'
+from locatvit_jax import paths
+
+METRICS_DIR = 'metrics'
+ROWS_PER_PART = 100
 FILE_VERSION = 'brain.Event:2'
 
 # -- TFRecord framing ------------------------------------------------------------------------------
@@ -111,48 +122,56 @@ def _check_scalars(step, scalars: Mapping) -> dict[str, float]:
 
 
 class MetricWriter:
-  """Writes scalars to WORKDIR/metrics.jsonl and WORKDIR/events.out.tfevents.* (process 0 only).
+  """Writes scalars as JSON lines and TensorBoard events under a workdir (process 0 only).
 
-  `write(step, scalars)` appends one JSON object {'step': step, **scalars} and one TensorBoard
-  event, and flushes both, so a crash loses nothing already written.
+  `write(step, scalars)` adds one row {'step': step, **scalars} and one event, and rewrites the
+  current part files (module docstring), so a crash loses nothing already written.
   """
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir, rows_per_part: int = ROWS_PER_PART):
     self.active = jax.process_index() == 0
-    self._jsonl = self._events = None
-    if not self.active:
-      return
-    directory = epath.Path(workdir)
-    directory.mkdir(parents=True, exist_ok=True)
-    self._jsonl = (directory / JSONL_FILE).open('a')
-    now = time.time()
-    self.events_path = directory / f'events.out.tfevents.{int(now):010d}.{socket.gethostname()}.{os.getpid()}'
-    self._events = self.events_path.open('wb')
-    self._events.write(tfrecord(event_proto(now, 0, file_version=FILE_VERSION)))
-    self._events.flush()
+    self._open = True
+    self._workdir = paths.path(workdir)
+    self._rows_per_part = rows_per_part
+    self._id = f'{time.time_ns():019d}'
+    self._part, self._rows, self._events = 0, [], []
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     values = _check_scalars(step, scalars)
+    if not self._open:
+      raise ValueError('MetricWriter.write after close(); expected writes before closing')
     if not self.active:
       return
-    if self._jsonl is None:
-      raise ValueError('MetricWriter.write after close(); expected writes before closing')
-    self._jsonl.write(json.dumps({'step': step, **values}) + '\n')
-    self._jsonl.flush()
-    self._events.write(tfrecord(event_proto(time.time(), step, scalars=values)))
-    self._events.flush()
+    if len(self._rows) == self._rows_per_part:
+      self._part, self._rows, self._events = self._part + 1, [], []
+    if not self._events:  # each event file starts with the file version
+      self._events.append(tfrecord(event_proto(time.time(), 0, file_version=FILE_VERSION)))
+    self._rows.append(json.dumps({'step': step, **values}) + '\n')
+    self._events.append(tfrecord(event_proto(time.time(), step, scalars=values)))
+    paths.write_text(self._workdir / METRICS_DIR / f'{self._id}-{self._part:05d}.jsonl', ''.join(self._rows))
+    paths.write_bytes(self._workdir / f'events.out.tfevents.{self._id}.{socket.gethostname()}.{self._part:05d}',
+                      b''.join(self._events))
 
   def close(self) -> None:
-    for f in (self._jsonl, self._events):
-      if f is not None:
-        f.close()
-    self._jsonl = self._events = None
+    self._open = False
 
   def __enter__(self) -> 'MetricWriter':
     return self
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def read_metrics(workdir) -> list[dict]:
+  """Every logged row of a workdir, one per step (the newest where a resume redid steps), by step."""
+  directory = paths.path(workdir) / METRICS_DIR
+  rows = {}
+  if directory.is_dir():
+    for part in sorted(directory.glob('*.jsonl'), key=lambda p: p.name):
+      for line in paths.read_text(part).splitlines():
+        row = json.loads(line)
+        rows[row['step']] = row
+  return [rows[step] for step in sorted(rows)]
 
 
 def format_duration(seconds: float) -> str:

@@ -12,8 +12,8 @@ then the GAug bias with `locat.patch_bias` and the softmax rows.
 from __future__ import annotations
 
 import colorsys
+import io
 import math
-import os
 from typing import Mapping, Sequence
 
 import jax
@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image, ImageDraw, ImageFont
 
+from locatvit_jax import paths
 from locatvit_jax.models import locat
 
 IGNORE_INDEX = 255
@@ -96,8 +97,9 @@ def tile(cells: Sequence[np.ndarray], cols: int, captions: Sequence[str] | None 
 
 
 def _save(path: str, picture: Image.Image) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  picture.save(path, format='PNG')
+  buffer = io.BytesIO()
+  picture.save(buffer, format='PNG')
+  paths.write_bytes(path, buffer.getvalue())
   return path
 
 

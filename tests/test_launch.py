@@ -44,9 +44,9 @@ def stub(path: pathlib.Path, body: str) -> pathlib.Path:
 
 # -- local_multiprocess.sh -------------------------------------------------------------------------
 def test_local_two_processes_train_and_checkpoint(tmp_path, image_folder):
-  from tests.test_train_classification import TINY_MODEL_FLAGS  # here: the other tests need no trainer
+  from tests.conftest import TINY_MODEL_FLAGS
   workdir = tmp_path / 'workdir'
-  main_args = [f'--config={REPO}/configs/vit_ti.py', f'--workdir={workdir}', *TINY_MODEL_FLAGS,
+  main_args = ['--config=configs/vit_ti.py', f'--workdir={workdir}', *TINY_MODEL_FLAGS,
                '--config.data.kind=folder', f'--config.data.root={image_folder}', '--config.data.eval_split=val',
                '--config.data.num_classes=4', '--config.mesh.data=2', '--config.mesh.fsdp=4',
                '--config.total_steps=4', '--config.warmup_steps=2', '--config.checkpoint_every=2']
@@ -150,7 +150,7 @@ def test_tpu_setup_ships_checkout_and_installs_pinned_jax_tpu(tmp_path):
   # The packing command, run for real: the code and pins go, the venv and caches stay behind.
   subprocess.run(['bash', '-o', 'pipefail', '-c', shlex.join(pack).replace("'|'", '|')], check=True, timeout=60)
   names = subprocess.run(['tar', '-tzf', tarball], capture_output=True, text=True, check=True).stdout.split()
-  assert {'requirements.txt', 'locatvit_jax/main.py', 'configs/vit_b.py', 'launch/tpu_vm.sh'} <= set(names)
+  assert {'requirements.txt', 'locatvit_jax/main.py', 'locatvit_jax/configs/vit_b.py', 'launch/tpu_vm.sh'} <= set(names)
   assert not [n for n in names if n.startswith(('.venv/', '.git/')) or '__pycache__' in n]
 
 

@@ -77,7 +77,7 @@ def test_jsonl_and_tensorboard_round_trip(tmp_path):
   with metrics.MetricWriter(str(tmp_path)) as writer:
     for step, scalars in rows:
       writer.write(step, scalars)
-  logged = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  logged = metrics.read_metrics(tmp_path)
   assert [r['step'] for r in logged] == [1, 2, 300]
   for got, (_, scalars) in zip(logged, rows):
     np.testing.assert_allclose([got[k] for k in scalars], [float(v) for v in scalars.values()], rtol=1e-7)
@@ -104,11 +104,33 @@ def test_reader_rejects_a_corrupted_record(tmp_path):
     read_events(events_file)
 
 
-def test_resumed_run_appends(tmp_path):
-  for step in (1, 2):
-    with metrics.MetricWriter(str(tmp_path)) as writer:
+def test_resumed_runs_keep_every_row_and_the_newest_of_a_redone_step(tmp_path):
+  # Session 1 logs steps 1-3 and dies; session 2 resumes from step 1's checkpoint and redoes 2, 3.
+  with metrics.MetricWriter(str(tmp_path)) as writer:
+    for step in (1, 2, 3):
       writer.write(step, {'loss': float(step)})
-  assert [json.loads(l)['step'] for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()] == [1, 2]
+  with metrics.MetricWriter(str(tmp_path)) as writer:
+    for step in (2, 3, 4):
+      writer.write(step, {'loss': 10.0 + step})
+  assert [(r['step'], r['loss']) for r in metrics.read_metrics(tmp_path)] == [(1, 1.0), (2, 12.0), (3, 13.0), (4, 14.0)]
+  # Two writers, two TensorBoard event files, sorted in writing order.
+  events = sorted(tmp_path.glob('events.out.tfevents.*'))
+  assert [[e.step for e in read_events(f)[1:]] for f in events] == [[1, 2, 3], [2, 3, 4]]
+
+
+def test_writes_replace_whole_files_in_parts(tmp_path):
+  """No append and no buffered flush (object stores have neither): each row rewrites one bounded part."""
+  writer = metrics.MetricWriter(str(tmp_path), rows_per_part=2)
+  writer.write(1, {'loss': 1.0})
+  (part,) = (tmp_path / metrics.METRICS_DIR).iterdir()
+  assert part.read_text() == '{"step": 1, "loss": 1.0}\n'  # on disk before close()
+  for step in (2, 3, 4, 5):
+    writer.write(step, {'loss': float(step)})
+  parts = sorted((tmp_path / metrics.METRICS_DIR).iterdir())
+  assert [[json.loads(l)['step'] for l in p.read_text().splitlines()] for p in parts] == [[1, 2], [3, 4], [5]]
+  events = sorted(tmp_path.glob('events.out.tfevents.*'))
+  assert [[e.step for e in read_events(f)[1:]] for f in events] == [[1, 2], [3, 4], [5]]
+  assert all(read_events(f)[0].file_version == 'brain.Event:2' for f in events)
 
 
 def test_only_process_zero_writes(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ The multi-process run (jax.distributed on loopback) is in test_launch.py.
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,23 +19,14 @@ import tensorflow_datasets as tfds
 
 import locatvit_jax
 from locatvit_jax import main as entry
+from locatvit_jax import metrics
 from locatvit_jax.train import classification
-from tests.conftest import REPO, tiny_classification_config
+from tests.conftest import REPO, export_params, main_cmd, subprocess_env, tiny_classification_config, wait_for
 
-TINY_MODEL_FLAGS = [
-    '--config.model.img_size=32', '--config.model.width=32', '--config.model.depth=2',
-    '--config.model.num_heads=2', '--config.model.mlp_dim=64', '--config.aug.eval_resize=36',
-    '--config.input.worker_count=0', '--config.batch_size=8', '--config.eval_batch_size=8',
-    '--config.log_every=1', '--config.eval_every=0', '--config.export_best=False',
-]
-
-
-def read_jsonl(workdir):
-  return [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
 
 
 def losses_by_step(workdir):
-  return {r['step']: r['loss'] for r in read_jsonl(workdir)}
+  return {r['step']: r['loss'] for r in metrics.read_metrics(workdir)}
 
 
 def test_end_to_end_on_mock_imagenet(tmp_path):
@@ -42,7 +34,7 @@ def test_end_to_end_on_mock_imagenet(tmp_path):
   config.data.num_classes = 1000
   with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
     result = entry.run(config, str(tmp_path))
-  rows = read_jsonl(tmp_path)
+  rows = metrics.read_metrics(tmp_path)
   assert [r['step'] for r in rows] == [1, 2, 3, 4]
   assert {'step', 'loss', 'lr', 'img_per_s', 'grad_norm', 'gaug_var/block0', 'gaug_alpha/block1'} <= set(rows[0])
   assert 'eval_top1' in rows[-1] and 0.0 <= result['eval_top1'] <= 1.0
@@ -79,63 +71,81 @@ def test_sharded_training_matches_single_device(tmp_path, image_folder):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), pa, pb)
 
 
-def _main_cmd(workdir, data_root, steps, extra=()):
-  return [sys.executable, '-m', 'locatvit_jax.main', '--config=configs/vit_ti.py', f'--workdir={workdir}',
-          *TINY_MODEL_FLAGS, '--config.data.kind=folder', f'--config.data.root={data_root}',
-          '--config.data.eval_split=val', '--config.data.num_classes=4', f'--config.total_steps={steps}',
-          '--config.warmup_steps=2', '--config.checkpoint_every=2', *extra]
+@pytest.mark.parametrize('override, message', [
+    (dict(grad_accum=0), 'grad_accum=0; expected an integer >= 1'),
+    (dict(checkpoint_every=0), 'checkpoint_every=0; expected an integer >= 1'),
+    (dict(log_every=0), 'log_every=0; expected an integer >= 1'),
+    ({'aug.eval_resize': 24}, r'aug.eval_resize=24 is smaller than img_size=32'),
+    ({'data.eval_split': 'validation'}, r"split 'validation': .*/validation does not exist"),
+])
+def test_late_failures_fail_before_any_step_and_write_nothing(tmp_path, image_folder, override, message):
+  t0 = time.monotonic()
+  with pytest.raises(ValueError, match=message):
+    entry.run(tiny_classification_config(str(image_folder), **override), str(tmp_path / 'w'))
+  assert time.monotonic() - t0 < 30
+  assert not (tmp_path / 'w').exists()
 
 
-def _env(devices=1):
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', PYTHONUNBUFFERED='1')
-  env.pop('JAX_PLATFORMS', None)
-  return env
+def test_bad_setting_is_one_error_line_from_the_command_line(tmp_path, image_folder):
+  out = subprocess.run(main_cmd(tmp_path, image_folder, 2, ['--config.grad_accum=0']), cwd=REPO, env=subprocess_env(),
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines()[-1] == 'error: grad_accum=0; expected an integer >= 1'
+  assert 'Traceback' not in out.stderr
 
 
-def _wait_for(predicate, proc, timeout=240):
-  t0 = time.time()
-  while not predicate():
-    if proc.poll() is not None:
-      raise AssertionError(f'process exited early with {proc.returncode}:\n{proc.stdout.read()[-3000:]}')
-    if time.time() - t0 > timeout:
-      proc.kill()
-      raise AssertionError('timed out')
-    time.sleep(0.2)
+def test_rerunning_a_finished_run_prints_its_metrics_without_training(tmp_path, image_folder):
+  cmd = main_cmd(tmp_path, image_folder, 2)
+  first = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  assert first.returncode == 0, first.stderr[-3000:]
+  final = lambda out: {k: float(v) for k, v in json.loads(
+      next(l for l in out.stdout.splitlines() if l.startswith('Final metrics: ')).removeprefix('Final metrics: ')).items()}
+  parts = sorted((tmp_path / metrics.METRICS_DIR).iterdir())
+  again = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert final(again) == final(first) and 0.0 <= final(first)['eval_top1'] <= 1.0
+  assert sorted((tmp_path / metrics.METRICS_DIR).iterdir()) == parts  # nothing trained or logged again
 
 
-@pytest.fixture(scope='module')
-def uninterrupted(tmp_path_factory, image_folder):
-  workdir = tmp_path_factory.mktemp('uninterrupted')
-  subprocess.run(_main_cmd(workdir, image_folder, 8), cwd=REPO, env=_env(), check=True,
-                 capture_output=True, text=True, timeout=600)
-  return workdir
-
-
-def _params(workdir):
-  return locatvit_jax.get_params(locatvit_jax.load(pathlib.Path(workdir) / 'export'))
+def test_export_best_remembers_the_best_top1_across_resumes(tmp_path, image_folder):
+  config = tiny_classification_config(str(image_folder), total_steps=4, eval_every=2, checkpoint_every=2,
+                                      export_best=True)
+  classification.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
+  evals = {r['step']: r['eval_top1'] for r in metrics.read_metrics(tmp_path) if 'eval_top1' in r}
+  progress = tmp_path / 'checkpoints' / '2' / 'progress' / 'metadata'
+  assert json.loads(progress.read_text()) == {'best_eval_top1': evals[2]}
+  # A resume from step 2 whose record holds a best no evaluation can beat keeps export_best as it is.
+  progress.write_text(json.dumps({'best_eval_top1': 1.5}))
+  shutil.rmtree(tmp_path / 'checkpoints' / '4')
+  before = locatvit_jax.get_params(locatvit_jax.load(tmp_path / 'export_best'))
+  classification.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
+  after = locatvit_jax.get_params(locatvit_jax.load(tmp_path / 'export_best'))
+  jax.tree.map(np.testing.assert_array_equal, before, after)
+  final = tmp_path / 'checkpoints' / '4' / 'progress' / 'metadata'
+  assert json.loads(final.read_text()) == {'best_eval_top1': 1.5}
 
 
 @pytest.mark.parametrize('how', ['sigterm', 'kill9'])
 def test_interrupted_run_resumes_exactly(tmp_path, image_folder, uninterrupted, how):
-  cmd = _main_cmd(tmp_path, image_folder, 8)
-  proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  cmd = main_cmd(tmp_path, image_folder, 8)
+  proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   if how == 'sigterm':
-    _wait_for(lambda: (tmp_path / 'metrics.jsonl').exists() and len(read_jsonl(tmp_path)) >= 3, proc)
+    wait_for(lambda: len(metrics.read_metrics(tmp_path)) >= 3, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 143
   else:
-    _wait_for(lambda: (tmp_path / 'checkpoints' / '4').is_dir(), proc)
+    wait_for(lambda: (tmp_path / 'checkpoints' / '4').is_dir(), proc)
     proc.kill()
     proc.wait()
   stopped_at = max(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
   assert 2 <= stopped_at < 8
-  subprocess.run(cmd, cwd=REPO, env=_env(), check=True, capture_output=True, text=True, timeout=600)
+  subprocess.run(cmd, cwd=REPO, env=subprocess_env(), check=True, capture_output=True, text=True, timeout=600)
   # Every step's loss equals the uninterrupted run's: no batch skipped or repeated, same keys.
   ref, got = losses_by_step(uninterrupted), losses_by_step(tmp_path)
   assert set(got) == set(range(1, 9))
   np.testing.assert_allclose([got[s] for s in range(1, 9)], [ref[s] for s in range(1, 9)], rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
-               _params(tmp_path), _params(uninterrupted))
+               export_params(tmp_path), export_params(uninterrupted))
 
 
 @pytest.mark.parametrize('override, message', [
@@ -145,8 +155,8 @@ def test_interrupted_run_resumes_exactly(tmp_path, image_folder, uninterrupted, 
     ('--config.no_such_key=1', 'no_such_key'),
 ])
 def test_bad_configs_fail_fast(tmp_path, image_folder, override, message):
-  out = subprocess.run(_main_cmd(tmp_path, image_folder, 2, [override, '--config.mesh.data=4']),
-                       cwd=REPO, env=_env(devices=4), capture_output=True, text=True, timeout=300)
+  out = subprocess.run(main_cmd(tmp_path, image_folder, 2, [override, '--config.mesh.data=4']),
+                       cwd=REPO, env=subprocess_env(devices=4), capture_output=True, text=True, timeout=300)
   assert out.returncode != 0
   assert message in out.stderr + out.stdout
   assert not (tmp_path / 'checkpoints').exists()

@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 
 import locatvit_jax
-from configs import common
-from locatvit_jax import checkpoint
+from locatvit_jax.configs import common
+from locatvit_jax import checkpoint, metrics
 from locatvit_jax.train import segmentation
 from tests.test_seg_data import write_ade20k
 
@@ -50,7 +50,7 @@ def test_train_resume_evaluate_and_pictures(tmp_path, backbone_dir, ade_root):
   config = seg_config(backbone_dir, ade_root)
   result = segmentation.train_and_evaluate(config, str(tmp_path / 'a'))
   assert 0.0 <= result['miou'] <= 1.0 and 0.0 <= result['pixel_acc'] <= 1.0
-  rows = [json.loads(l) for l in open(tmp_path / 'a' / 'metrics.jsonl')]
+  rows = metrics.read_metrics(tmp_path / 'a')
   assert [r['step'] for r in rows] == [1, 2, 3, 4] and 'miou' in rows[-1]
   assert (tmp_path / 'a' / 'segmentation_step4.png').stat().st_size > 0
   assert sorted(p.name for p in (tmp_path / 'a' / 'checkpoints').iterdir()) == ['2', '4']
@@ -77,3 +77,24 @@ def test_wrong_backbone_size_and_missing_init(tmp_path, backbone_dir, ade_root):
     segmentation.train_and_evaluate(seg_config(backbone_dir, ade_root, size='b'), str(tmp_path))
   with pytest.raises(ValueError, match='config.init is empty'):
     segmentation.train_and_evaluate(seg_config(backbone_dir, ade_root, init=''), str(tmp_path))
+
+
+@pytest.mark.parametrize('override, message', [
+    (dict(patch_size=8, crop_size=32), 'patch_size=8 but config.init=.* holds a backbone with patch size 16'),
+    (dict(crop_size=40), 'crop_size=40 is not a multiple of patch_size=16'),
+    (dict(init='/no/such/backbone'), r'config.init=/no/such/backbone cannot be loaded: .*no such file'),
+    (dict(eval_only=True), 'eval_only=True but .* holds no trained head'),
+    (dict(checkpoint_every=0), 'checkpoint_every=0; expected an integer >= 1'),
+])
+def test_bad_settings_fail_before_any_step_and_write_nothing(tmp_path, backbone_dir, ade_root, override, message):
+  with pytest.raises(ValueError, match=message):
+    segmentation.train_and_evaluate(seg_config(backbone_dir, ade_root, **override), str(tmp_path / 'w'))
+  assert not (tmp_path / 'w').exists()
+
+
+def test_rerunning_a_finished_run_returns_its_result_without_training(tmp_path, backbone_dir, ade_root, monkeypatch):
+  config = seg_config(backbone_dir, ade_root)
+  first = segmentation.train_and_evaluate(config, str(tmp_path))
+  monkeypatch.setattr(segmentation, 'make_train_step', lambda *a: pytest.fail('a finished run trained again'))
+  again = segmentation.train_and_evaluate(config, str(tmp_path))
+  assert again['miou'] == first['miou'] and again['backbone_sha256'] == first['backbone_sha256']

@@ -30,11 +30,13 @@ Layouts and conventions (mmsegmentation's, so results compare with the paper):
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
+
+from locatvit_jax import paths
 
 IGNORE_INDEX = 255
 
@@ -83,11 +85,8 @@ class PairedFilesSource:
 
   def __getitem__(self, index: int) -> dict:
     image_path, mask_path = self._pairs[index]
-    with open(image_path, 'rb') as f:
-      image = f.read()
-    with open(mask_path, 'rb') as f:
-      mask = f.read()
-    return {'image': image, 'mask': mask, 'key': image_path, 'mask_key': mask_path}
+    return {'image': paths.read_bytes(image_path), 'mask': paths.read_bytes(mask_path),
+            'key': image_path, 'mask_key': mask_path}
 
   def __repr__(self) -> str:
     return f'PairedFilesSource({self.name}, {len(self)} examples)'
@@ -142,8 +141,9 @@ def tfds_source(data_cfg, split: str) -> TfdsSegmentationSource:
 
 
 # -- folder layouts --------------------------------------------------------------------------------
-def _require_dir(path: str, what: str) -> str:
-  if not os.path.isdir(path):
+def _require_dir(path, what: str) -> epath.Path:
+  path = paths.path(path)
+  if not path.is_dir():
     raise FileNotFoundError(f'{what} folder {path} does not exist; expected the layout in seg_sources.py')
   return path
 
@@ -153,52 +153,50 @@ def _require_split(dataset: str, split: str, splits: tuple[str, ...]) -> None:
     raise ValueError(f'{dataset} split {split!r}; expected one of {splits}')
 
 
-def _pair_by_name(image_dir: str, mask_dir: str, image_suffix: str, mask_suffix: str,
+def _pair_by_name(image_dir: epath.Path, mask_dir: epath.Path, image_suffix: str, mask_suffix: str,
                   names: Sequence[str] | None = None) -> list[tuple[str, str]]:
   """(image, label) paths for `names` (default: every image in image_dir); a missing file fails."""
-  image_files = set(os.listdir(image_dir))
-  mask_files = set(os.listdir(mask_dir))
+  image_files = {f.name for f in image_dir.iterdir()}
+  mask_files = {f.name for f in mask_dir.iterdir()}
   if names is None:
     names = sorted(f[:-len(image_suffix)] for f in image_files if f.endswith(image_suffix))
   pairs = []
   for name in names:
     image, mask = name + image_suffix, name + mask_suffix
     if image not in image_files:
-      raise FileNotFoundError(f'{os.path.join(image_dir, image)} is missing; the split lists {name!r}')
+      raise FileNotFoundError(f'{image_dir / image} is missing; the split lists {name!r}')
     if mask not in mask_files:
-      raise FileNotFoundError(f'{os.path.join(mask_dir, mask)} is missing; expected a label PNG for '
-                              f'image {os.path.join(image_dir, image)}')
-    pairs.append((os.path.join(image_dir, image), os.path.join(mask_dir, mask)))
+      raise FileNotFoundError(f'{mask_dir / mask} is missing; expected a label PNG for image {image_dir / image}')
+    pairs.append((str(image_dir / image), str(mask_dir / mask)))
   return pairs
 
 
 def ade20k_source(root: str, split: str) -> PairedFilesSource:
   _require_split('ade20k', split, ('training', 'validation'))
-  base = os.path.join(root, 'ADEChallengeData2016')
-  image_dir = _require_dir(os.path.join(base, 'images', split), 'ADE20K images')
-  mask_dir = _require_dir(os.path.join(base, 'annotations', split), 'ADE20K annotations')
+  base = paths.path(root) / 'ADEChallengeData2016'
+  image_dir = _require_dir(base / 'images' / split, 'ADE20K images')
+  mask_dir = _require_dir(base / 'annotations' / split, 'ADE20K annotations')
   return PairedFilesSource(f'ade20k:{split}', _pair_by_name(image_dir, mask_dir, '.jpg', '.png'),
                            reduce_zero_label(150))
 
 
 def pcontext_source(root: str, split: str) -> PairedFilesSource:
   _require_split('pcontext', split, ('train', 'val'))
-  base = os.path.join(root, 'VOCdevkit', 'VOC2010')
-  list_file = os.path.join(base, 'ImageSets', 'SegmentationContext', f'{split}.txt')
-  if not os.path.isfile(list_file):
+  base = paths.path(root) / 'VOCdevkit' / 'VOC2010'
+  list_file = base / 'ImageSets' / 'SegmentationContext' / f'{split}.txt'
+  if not list_file.is_file():
     raise FileNotFoundError(f'{list_file} does not exist; expected the layout in seg_sources.py')
-  with open(list_file) as f:
-    names = [line.strip() for line in f if line.strip()]
-  image_dir = _require_dir(os.path.join(base, 'JPEGImages'), 'PASCAL-Context images')
-  mask_dir = _require_dir(os.path.join(base, 'SegmentationClassContext'), 'PASCAL-Context labels')
+  names = [line.strip() for line in paths.read_text(list_file).splitlines() if line.strip()]
+  image_dir = _require_dir(base / 'JPEGImages', 'PASCAL-Context images')
+  mask_dir = _require_dir(base / 'SegmentationClassContext', 'PASCAL-Context labels')
   return PairedFilesSource(f'pcontext:{split}', _pair_by_name(image_dir, mask_dir, '.jpg', '.png', names),
                            reduce_zero_label(59))
 
 
 def cocostuff_source(root: str, split: str) -> PairedFilesSource:
   _require_split('cocostuff', split, ('train2017', 'val2017'))
-  image_dir = _require_dir(os.path.join(root, 'images', split), 'COCO-Stuff images')
-  mask_dir = _require_dir(os.path.join(root, 'annotations', split), 'COCO-Stuff annotations')
+  image_dir = _require_dir(paths.path(root) / 'images' / split, 'COCO-Stuff images')
+  mask_dir = _require_dir(paths.path(root) / 'annotations' / split, 'COCO-Stuff annotations')
   pairs = _pair_by_name(image_dir, mask_dir, '.jpg', '_labelTrainIds.png')
   return PairedFilesSource(f'cocostuff:{split}', pairs, identity_labels(171))
 

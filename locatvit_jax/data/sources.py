@@ -7,10 +7,13 @@ an already decoded uint8 array. `key` names the example (file path or dataset in
 
 from __future__ import annotations
 
-import os
+from locatvit_jax import paths
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm')
 SOURCE_KINDS = ('tfds', 'folder')
+# The evaluation split of each kind when data.eval_split is empty: TFDS ImageNet names it
+# 'validation', an ImageNet-style folder 'val' (README: DIR/train/CLASS/..., DIR/val/CLASS/...).
+DEFAULT_EVAL_SPLIT = {'tfds': 'validation', 'folder': 'val'}
 
 
 class TfdsSource:
@@ -43,18 +46,18 @@ class TfdsSource:
 
 
 class ImageFolderSource:
-  """`root/<class>/<image>`: labels are the indices of the sorted class folder names."""
+  """`root/<class>/<image>` (local or gs://): labels are the indices of the sorted class folder names."""
 
   def __init__(self, root: str):
-    if not os.path.isdir(root):
+    if not paths.path(root).is_dir():
       raise ValueError(f'image folder {root!r} does not exist; expected root/<class>/<images>')
     self.root = root
-    self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+    class_dirs = sorted((d for d in paths.path(root).iterdir() if d.is_dir()), key=lambda d: d.name)
+    self.classes = [d.name for d in class_dirs]
     self.files: list[tuple[str, int]] = []
-    for label, name in enumerate(self.classes):
-      class_dir = os.path.join(root, name)
-      self.files += [(os.path.join(class_dir, f), label) for f in sorted(os.listdir(class_dir))
-                     if f.lower().endswith(IMAGE_EXTENSIONS)]
+    for label, class_dir in enumerate(class_dirs):
+      self.files += [(str(f), label) for f in sorted(class_dir.iterdir(), key=lambda f: f.name)
+                     if f.name.lower().endswith(IMAGE_EXTENSIONS)]
     if not self.files:
       raise ValueError(f'image folder {root!r} has no images in class subfolders; expected '
                        f'root/<class>/<image> with extensions {IMAGE_EXTENSIONS}')
@@ -65,8 +68,7 @@ class ImageFolderSource:
 
   def __getitem__(self, index: int) -> dict:
     path, label = self.files[index]
-    with open(path, 'rb') as f:
-      return {'image': f.read(), 'label': label, 'key': path}
+    return {'image': paths.read_bytes(path), 'label': label, 'key': path}
 
   def __repr__(self) -> str:
     return f'ImageFolderSource({self.root!r}, {len(self)} images, {self.num_classes} classes)'
@@ -78,6 +80,11 @@ def tfds_source(name: str, split: str, data_dir: str | None = None) -> TfdsSourc
 
 def image_folder_source(root: str) -> ImageFolderSource:
   return ImageFolderSource(root)
+
+
+def eval_split(data_cfg) -> str:
+  """data_cfg.eval_split, or the default of data_cfg.kind."""
+  return data_cfg.get('eval_split') or DEFAULT_EVAL_SPLIT.get(data_cfg.kind, '')
 
 
 def classification_source(data_cfg, split: str):
@@ -92,7 +99,11 @@ def classification_source(data_cfg, split: str):
   elif data_cfg.kind == 'folder':
     if not data_cfg.get('root'):
       raise ValueError("data.kind='folder' needs data.root (a folder with one subfolder per split)")
-    source = image_folder_source(os.path.join(data_cfg.root, split))
+    split_dir = paths.path(data_cfg.root) / split
+    if not split_dir.is_dir():
+      raise ValueError(f'split {split!r}: {split_dir} does not exist; expected data.root/<split>/<class>/<images> '
+                       '(data.train_split, data.eval_split)')
+    source = image_folder_source(str(split_dir))
   else:
     raise ValueError(f'data.kind={data_cfg.kind!r}; expected one of {SOURCE_KINDS}')
   expected = data_cfg.get('num_classes')

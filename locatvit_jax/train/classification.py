@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Callable
 
 import jax
@@ -18,7 +17,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from locatvit_jax import checkpoint, loading, sharding
+from locatvit_jax import checkpoint, loading, paths, sharding
 from locatvit_jax.data import pipeline, sources
 from locatvit_jax.models import vit
 from locatvit_jax.train import common, mixup, optim
@@ -32,18 +31,21 @@ def model_config(config) -> vit.ViTConfig:
 def check_config(config, mesh) -> vit.ViTConfig:
   """Fails fast, before any data or device work, on values that cannot run."""
   model_cfg = model_config(config)  # ViTConfig validates sizes, dtypes, implementations
+  common.check_loop_config(config)
   dp = sharding.batch_parallelism(mesh)
-  micro = config.batch_size // max(config.grad_accum, 1)
   problems = []
-  if config.batch_size % (dp * config.grad_accum):
+  if config.grad_accum < 1:
+    problems.append(f'grad_accum={config.grad_accum}; expected an integer >= 1')
+  elif config.batch_size % (dp * config.grad_accum):
     problems.append(f'batch_size={config.batch_size} is not divisible by data-parallel size {dp} '
                     f'x grad_accum {config.grad_accum}')
   if config.batch_size % jax.process_count():
     problems.append(f'batch_size={config.batch_size} is not divisible by {jax.process_count()} processes')
   if config.eval_batch_size % dp:
     problems.append(f'eval_batch_size={config.eval_batch_size} is not divisible by data-parallel size {dp}')
-  if micro < 1:
-    problems.append(f'grad_accum={config.grad_accum} exceeds batch_size={config.batch_size}')
+  if config.aug.eval_resize < max(model_cfg.img_size):
+    problems.append(f'aug.eval_resize={config.aug.eval_resize} is smaller than img_size={config.model.img_size}; '
+                    'expected the short side resized to at least the centre crop')
   if problems:
     raise ValueError('; '.join(problems))
   return model_cfg
@@ -121,8 +123,8 @@ def make_eval_step(graphdef):
   return eval_step
 
 
-def evaluate(eval_step, params, rest, config, mesh) -> float:
-  loader = eval_loader(config)
+def evaluate(eval_step, params, rest, config, mesh, source) -> float:
+  loader = eval_loader(config, source)
   correct = count = 0.0
   for batch in loader:
     batch.pop('skipped')  # corrupt images are already masked out through 'valid'
@@ -139,8 +141,7 @@ def train_loader(config, source):
       aug=config.aug, seed=config.seed, worker_count=config.input.worker_count)
 
 
-def eval_loader(config):
-  source = sources.classification_source(config.data, config.data.eval_split)
+def eval_loader(config, source):
   return pipeline.classification_loader(
       source, train=False, global_batch_size=config.eval_batch_size, img_size=config.model.img_size,
       aug=config.aug, seed=config.seed, worker_count=config.input.worker_count)
@@ -192,9 +193,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   """
   mesh = sharding.make_mesh(config.mesh, devices)
   model_cfg = check_config(config, mesh)
+  workdir = paths.path(workdir)
 
-  # Data. The iterator is part of the checkpoint, so a resumed run continues the same stream.
+  # Data, both splits opened now so that a missing one fails before the first step. The train
+  # iterator is part of the checkpoint, so a resumed run continues the same stream.
   train_source = sources.classification_source(config.data, config.data.train_split)
+  eval_source = sources.classification_source(config.data, sources.eval_split(config.data))
   total_steps, warmup_steps = total_and_warmup_steps(config, len(train_source))
   train_iter = iter(train_loader(config, train_source))
 
@@ -203,14 +207,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   # State: resume from the workdir (any mesh) or initialise in place.
   ckpt = checkpoint.TrainCheckpointer(workdir, save_every=config.checkpoint_every,
                                       max_to_keep=config.keep_checkpoints)
-  state = common.restore_or_init(ckpt, train_iter, setup.abstract_state, setup.shardings, setup.init_state)
+  state, progress = common.restore_or_init(ckpt, train_iter, setup.abstract_state, setup.shardings,
+                                           setup.init_state)
   start_step = common.host_int(state['step'])
 
-  # Loop.
+  # Loop (nothing to do when the workdir holds a finished run).
   logging.info('Training %s for %d steps (%d warmup), batch %d, on mesh %s.',
                config.model_name, total_steps, warmup_steps, config.batch_size, dict(mesh.shape))
   skipped = 0
-  best = {'top1': -1.0}
 
   def step_fn(state):
     nonlocal skipped
@@ -220,18 +224,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     return state, scalars, {'data/skipped': skipped}
 
   def evaluate_fn(state, step):
-    top1 = evaluate(setup.eval_step, state['params'], setup.rest, config, mesh)
-    if top1 > best['top1'] and config.export_best:
-      best['top1'] = top1
-      checkpoint.save_params(os.path.join(workdir, 'export_best'), loading.params_dict(state['params']),
-                             model_cfg)
+    top1 = evaluate(setup.eval_step, state['params'], setup.rest, config, mesh, eval_source)
+    # The best top-1 lives in the checkpoints' progress record, so it survives resumes.
+    if config.export_best and top1 > progress.get('best_eval_top1', -1.0):
+      progress['best_eval_top1'] = top1
+      checkpoint.save_params(workdir / 'export_best', loading.params_dict(state['params']), model_cfg)
     return {'eval_top1': top1}
 
   state, scalars = common.train_loop(
       state=state, start_step=start_step, total_steps=total_steps, step_fn=step_fn,
-      evaluate_fn=evaluate_fn, data_iter=train_iter, ckpt=ckpt, record=json.loads(model_cfg.to_json()), workdir=workdir,
-      config=config)
+      evaluate_fn=evaluate_fn, data_iter=train_iter, ckpt=ckpt, record=json.loads(model_cfg.to_json()),
+      progress=progress, workdir=workdir, config=config)
+  ckpt.close()
+  if start_step >= total_steps:
+    logging.info('%s holds a finished run (step %d of %d): nothing to train.', workdir, start_step, total_steps)
+    scalars = common.last_logged(workdir, total_steps)
 
-  checkpoint.save_params(os.path.join(workdir, 'export'), loading.params_dict(state['params']), model_cfg)
-  logging.info('Done: top-1 %s; params exported to %s/export.', scalars.get('eval_top1'), workdir)
+  if start_step < total_steps or not checkpoint.is_params_export(workdir / 'export'):
+    checkpoint.save_params(workdir / 'export', loading.params_dict(state['params']), model_cfg)
+  logging.info('Done: top-1 %s; params exported to %s.', scalars.get('eval_top1'), workdir / 'export')
   return {'eval_top1': None, **scalars}

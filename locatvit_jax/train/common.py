@@ -26,6 +26,18 @@ class NonFiniteLossError(RuntimeError):
   pass
 
 
+# -- config ----------------------------------------------------------------------------------------
+def check_loop_config(config) -> None:
+  """The loop's own settings (train_loop's docstring), checked before any work."""
+  problems = [f'{name}={config[name]}; expected an integer >= 1'
+              for name in ('log_every', 'checkpoint_every', 'keep_checkpoints', 'batch_size')
+              if not isinstance(config[name], int) or config[name] < 1]
+  if not isinstance(config.eval_every, int) or config.eval_every < 0:
+    problems.append(f'eval_every={config.eval_every}; expected an integer >= 0 (0: at the end only)')
+  if problems:
+    raise ValueError('; '.join(problems))
+
+
 # -- state ---------------------------------------------------------------------------------------
 def abstract_train_state(params_abstract, tx: optax.GradientTransformation) -> dict:
   return {
@@ -49,11 +61,12 @@ def with_shardings(abstract_state, shardings):
 
 
 def restore_or_init(ckpt: checkpoint.TrainCheckpointer, data_iter, abstract_state, shardings, init_fn):
-  """Resumes from the newest checkpoint in the workdir (state and data position), else inits."""
+  """(state, progress): resumed from the newest checkpoint in the workdir (state, data position and
+  the loop's progress record), else initialised with an empty progress record."""
   step = ckpt.latest_step()
   if step is None:
     logging.info('No checkpoint in %s: starting from scratch.', ckpt.directory)
-    return init_fn()
+    return init_fn(), {}
   logging.info('Resuming from %s/%d.', ckpt.directory, step)
   return ckpt.restore(step, with_shardings(abstract_state, shardings), data_iter)
 
@@ -128,23 +141,30 @@ def gaug_scalars(intermediates: nnx.State) -> dict:
   return out
 
 
+def last_logged(workdir, step: int) -> dict:
+  """The scalars logged at `step` (the final metrics of a finished run), {} if none were."""
+  rows = [r for r in metrics.read_metrics(workdir) if r['step'] == step]
+  return {k: v for k, v in rows[-1].items() if k != 'step'} if rows else {}
+
+
 def host_int(x) -> int:
   return int(np.asarray(jax.device_get(x)))
 
 
 # -- the loop ------------------------------------------------------------------------------------
 def train_loop(*, state, start_step: int, total_steps: int, step_fn, evaluate_fn, data_iter,
-               ckpt: checkpoint.TrainCheckpointer, record, workdir, config):
+               ckpt: checkpoint.TrainCheckpointer, record, progress, workdir, config):
   """The loop both trainers share: step, log, evaluate, checkpoint, stop on preemption.
 
   step_fn(state) -> (state, device scalars, host scalars): one update on the next batch.
   evaluate_fn(state, step) -> scalars to log (e.g. eval_top1 or miou).
-  `record` (a JSON-able dict) is stored with every checkpoint. Uses config.log_every,
-  eval_every (0: at the end only), checkpoint_every and batch_size.
+  `record` and `progress` (JSON-able dicts) are stored with every checkpoint; evaluate_fn may
+  update `progress` in place. Uses config.log_every, eval_every (0: at the end only),
+  checkpoint_every and batch_size.
   Returns (state, the scalars of the last logged step).
   """
   writer = metrics.MetricWriter(workdir)
-  progress = metrics.ProgressLine(total_steps)
+  progress_line = metrics.ProgressLine(total_steps)
   throughput = Throughput(config.batch_size)
   guard = PreemptionGuard(ckpt)
   scalars = {}
@@ -161,10 +181,10 @@ def train_loop(*, state, start_step: int, total_steps: int, step_fn, evaluate_fn
         if eval_due:
           scalars.update(evaluate_fn(state, step))
         writer.write(step, scalars)
-        progress.update(step, scalars)
-      ckpt.save(step, state, data_iter, record, force=last)
+        progress_line.update(step, scalars)
+      ckpt.save(step, state, data_iter, record, progress, force=last)
       if guard.should_stop(step):
-        ckpt.save(step, state, data_iter, record, force=True)
+        ckpt.save(step, state, data_iter, record, progress, force=True)
         ckpt.wait()
         logging.warning('Stopped at step %d after SIGTERM; rerun the same command to resume.', step)
         sys.exit(143)
@@ -172,5 +192,5 @@ def train_loop(*, state, start_step: int, total_steps: int, step_fn, evaluate_fn
     ckpt.wait()
     guard.close()
     writer.close()
-    progress.close()
+    progress_line.close()
   return state, scalars

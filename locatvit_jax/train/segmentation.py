@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +21,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from flax import nnx
 
-from locatvit_jax import checkpoint, loading, sharding, viz
+from locatvit_jax import checkpoint, loading, paths, sharding, viz
 from locatvit_jax.data import seg_pipeline, seg_sources
 from locatvit_jax.evaluators import segmentation as seg_eval
 from locatvit_jax.models import seg_head, vit
@@ -31,16 +30,27 @@ from locatvit_jax.train import common, optim
 
 # -- config ------------------------------------------------------------------------------------------
 def check_config(config, mesh) -> None:
+  common.check_loop_config(config)
   dp = sharding.batch_parallelism(mesh)
   problems = []
   if not config.init:
     problems.append('config.init is empty; expected a checkpoint path for the backbone (see README)')
   if config.batch_size % dp:
     problems.append(f'batch_size={config.batch_size} is not divisible by data-parallel size {dp}')
-  if config.crop_size % config.patch_size:
-    problems.append(f'crop_size={config.crop_size} is not a multiple of the patch size {config.patch_size}')
+  if config.patch_size < 1 or config.crop_size % config.patch_size:
+    problems.append(f'crop_size={config.crop_size} is not a multiple of patch_size={config.patch_size}')
   if problems:
     raise ValueError('; '.join(problems))
+
+
+def check_backbone(config, bb_cfg) -> None:
+  """The config's backbone expectations against what `config.init` holds."""
+  if config.get('size') and bb_cfg.width != vit.SIZES[config.size][0]:
+    raise ValueError(f'config.init={config.init} holds a width-{bb_cfg.width} backbone; the config '
+                     f'argument {config.size!r} expects width {vit.SIZES[config.size][0]}')
+  if bb_cfg.patch_size != config.patch_size:
+    raise ValueError(f'patch_size={config.patch_size} but config.init={config.init} holds a backbone with '
+                     f'patch size {bb_cfg.patch_size}; set --config.patch_size={bb_cfg.patch_size}')
 
 
 def head_config(config, backbone_cfg) -> dict:
@@ -96,9 +106,8 @@ def make_predict(bb_graphdef, head_graphdef):
   return jax.jit(predict, static_argnames='canvas')
 
 
-def evaluate(predict, head_params, bb_params, bb_rest, config, workdir=None, step=0) -> dict:
+def evaluate(predict, head_params, bb_params, bb_rest, config, source, workdir=None, step=0) -> dict:
   """Whole-image inference at each image's own size; mIoU from a confusion matrix over all hosts."""
-  source = seg_sources.segmentation_source(config.data, config.data.eval_split)
   acc = seg_eval.ConfusionAccumulator(config.data.num_classes)
   panels = []
   for ex in seg_pipeline.segmentation_eval_examples(
@@ -115,7 +124,7 @@ def evaluate(predict, head_params, bb_params, bb_rest, config, workdir=None, ste
   result = seg_eval.segmentation_metrics(acc.result())
   if workdir and panels and jax.process_index() == 0:
     images, labels, preds = zip(*panels)
-    viz.save_segmentation_panels(os.path.join(workdir, f'segmentation_step{step}.png'),
+    viz.save_segmentation_panels(paths.path(workdir) / f'segmentation_step{step}.png',
                                  images, labels, preds, viz.seg_palette(config.data.num_classes))
   return result
 
@@ -125,18 +134,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   mesh = sharding.make_mesh(config.mesh, devices)
   check_config(config, mesh)
   repl = sharding.replicated(mesh)
+  workdir = paths.path(workdir)
+  if config.eval_only and checkpoint.find_training_step(workdir) is None:
+    raise ValueError(f'eval_only=True but {workdir} holds no trained head (no checkpoints); '
+                     'train first, or point --workdir at a segmentation run')
 
   # Frozen backbone, in evaluation mode (no drop path), replicated on every device.
-  backbone = loading.load(config.init)
+  try:
+    backbone = loading.load(config.init)
+  except (FileNotFoundError, ValueError) as e:
+    raise ValueError(f'config.init={config.init} cannot be loaded: {e}') from e
   bb_cfg = backbone.cfg
-  if config.get('size') and bb_cfg.width != vit.SIZES[config.size][0]:
-    raise ValueError(f'config.init={config.init} holds a width-{bb_cfg.width} backbone; the config '
-                     f'argument {config.size!r} expects width {vit.SIZES[config.size][0]}')
+  check_backbone(config, bb_cfg)
   bb_graphdef, bb_params, bb_rest = nnx.split(backbone, nnx.Param, ...)
   bb_params = jax.device_put(bb_params, sharding.tree_shardings(bb_params, mesh))
 
-  # Data.
+  # Data, both splits opened now so that a missing one fails before the first step.
   train_source = seg_sources.segmentation_source(config.data, config.data.train_split)
+  eval_source = seg_sources.segmentation_source(config.data, config.data.eval_split)
   train_iter = iter(seg_pipeline.segmentation_train_loader(
       train_source, global_batch_size=config.batch_size, crop_size=config.crop_size,
       scale=tuple(config.train_scale), ratio_range=tuple(config.ratio_range),
@@ -153,11 +168,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   tx = optim.adamw(schedule, config.optim, abstract_params)
   abstract_state = common.abstract_train_state(abstract_params, tx)
   shardings = sharding.tree_shardings(abstract_state, mesh)
-  ckpt = checkpoint.TrainCheckpointer(workdir, save_every=config.checkpoint_every,
-                                      max_to_keep=config.keep_checkpoints)
   init_fn = lambda: common.init_train_state(lambda: nnx.state(new_head(), nnx.Param), tx,
                                             abstract_state, shardings)
-  state = common.restore_or_init(ckpt, train_iter, abstract_state, shardings, init_fn)
+  ckpt = checkpoint.TrainCheckpointer(workdir, save_every=config.checkpoint_every,
+                                      max_to_keep=config.keep_checkpoints)
+  state, progress = common.restore_or_init(ckpt, train_iter, abstract_state, shardings, init_fn)
   start_step = common.host_int(state['step'])
   record = head_config(config, bb_cfg)
 
@@ -166,9 +181,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
                        in_shardings=(shardings, None, repl, batch_sh), out_shardings=(shardings, None),
                        donate_argnums=0)
   predict = make_predict(bb_graphdef, head_graphdef)
+  run_eval = lambda state, step: evaluate(predict, state['params'], bb_params, bb_rest, config, eval_source,
+                                          workdir, step)
 
   if config.eval_only:
-    result = evaluate(predict, state['params'], bb_params, bb_rest, config, workdir, start_step)
+    result = run_eval(state, start_step)
     _log_result(result, start_step, workdir)
     return result
 
@@ -179,12 +196,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     return state, scalars, {}
 
   def evaluate_fn(state, step):
-    last_eval.update(evaluate(predict, state['params'], bb_params, bb_rest, config, workdir, step))
+    last_eval.update(run_eval(state, step))
     return {'miou': last_eval['miou'], 'pixel_acc': last_eval['pixel_acc']}
 
   common.train_loop(state=state, start_step=start_step, total_steps=total, step_fn=step_fn,
                     evaluate_fn=evaluate_fn, data_iter=train_iter, ckpt=ckpt, record=record,
-                    workdir=workdir, config=config)
+                    progress=progress, workdir=workdir, config=config)
+  ckpt.close()
+  if start_step >= total:
+    logging.info('%s holds a finished run (step %d of %d): nothing to train.', workdir, start_step, total)
+    result_file = workdir / result_name(total)
+    if result_file.exists():
+      return json.loads(paths.read_text(result_file))
+    last_eval.update(run_eval(state, total))  # the run stopped between its last checkpoint and this file
   result = dict(last_eval)
   result['backbone_sha256'] = params_sha256(bb_params)
   _log_result(result, total, workdir)
@@ -199,9 +223,13 @@ def params_sha256(params) -> str:
   return digest.hexdigest()
 
 
-def _log_result(result: dict, step: int, workdir: str) -> None:
+def result_name(step: int) -> str:
+  return f'eval_step{step}.json'
+
+
+def _log_result(result: dict, step: int, workdir) -> None:
   if jax.process_index() == 0 and result:
-    with open(os.path.join(workdir, f'eval_step{step}.json'), 'w') as f:
-      json.dump({k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in result.items()}, f)
+    paths.write_text(paths.path(workdir) / result_name(step),
+                     json.dumps({k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in result.items()}))
   logging.info('Step %d: mIoU %.4f, pixel accuracy %.4f.', step, result.get('miou', float('nan')),
                result.get('pixel_acc', float('nan')))

@@ -9,7 +9,7 @@ Hardware: 8 GPUs or one v4-8 TPU VM; batch 32, 20k iterations.
 Expected mIoU (paper, single scale): ViT-Ti 20.29 -> LocAtViT-Ti 26.15; ViT-B 30.43 -> LocAtViT-B 33.62.
 """
 
-from configs import common
+from locatvit_jax.configs import common
 
 
 def get_config(arg=None):

@@ -10,7 +10,7 @@ Expected: ImageNet-1k top-1 ViT-B 80.99 -> LocAtViT-B 82.31; frozen-backbone ADE
 28.40 -> 32.64 (paper, section 7 of the spec).
 """
 
-from configs import common
+from locatvit_jax.configs import common
 
 
 def get_config(arg=None):

@@ -10,7 +10,7 @@ Expected: ImageNet-1k top-1 ViT-Ti 72.39 -> LocAtViT-Ti 73.94; frozen-backbone A
 17.30 -> 23.47 (paper, section 7 of the spec).
 """
 
-from configs import common
+from locatvit_jax.configs import common
 
 
 def get_config(arg=None):

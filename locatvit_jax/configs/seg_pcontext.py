@@ -9,7 +9,7 @@ Hardware: 8 GPUs or one v4-8 TPU VM; batch 32, 20k iterations.
 Expected mIoU (paper, single scale): ViT-Ti 33.71 -> LocAtViT-Ti 38.57; ViT-B 43.1 -> LocAtViT-B 45.35.
 """
 
-from configs import common
+from locatvit_jax.configs import common
 
 
 def get_config(arg=None):

@@ -22,7 +22,8 @@ def classification_config(size: str, variant: str | None) -> ml_collections.Conf
 
   c.data = ml_collections.ConfigDict(dict(
       kind='tfds', name='imagenet2012', data_dir=ml_collections.config_dict.placeholder(str),
-      root=ml_collections.config_dict.placeholder(str), train_split='train', eval_split='validation',
+      root=ml_collections.config_dict.placeholder(str), train_split='train',
+      eval_split=ml_collections.config_dict.placeholder(str),  # None: 'validation' (TFDS), 'val' (folder)
       num_classes=1000))
   c.aug = pipeline.default_aug_config()
   c.mixup = ml_collections.ConfigDict(dict(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5,

@@ -9,7 +9,7 @@ Hardware: one v4-8 TPU VM or 8 GPUs; global batch 1024.
 Expected: the paper reports no S results (Ti and B: see configs/vit_ti.py, configs/vit_b.py).
 """
 
-from configs import common
+from locatvit_jax.configs import common
 
 
 def get_config(arg=None):

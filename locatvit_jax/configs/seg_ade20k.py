@@ -9,7 +9,7 @@ Hardware: 8 GPUs or one v4-8 TPU VM; batch 32, 20k iterations.
 Expected mIoU (paper, single scale): ViT-Ti 17.3 -> LocAtViT-Ti 23.47; ViT-B 28.4 -> LocAtViT-B 32.64.
 """
 
-from configs import common
+from locatvit_jax.configs import common
 
 
 def get_config(arg=None):

@@ -9,7 +9,7 @@ Hardware: a v4-64 TPU pod slice or 8 nodes x 8 GPUs, with --config.mesh.fsdp=8; 
 Expected: the paper reports no L results (Ti and B: see configs/vit_ti.py, configs/vit_b.py).
 """
 
-from configs import common
+from locatvit_jax.configs import common
 
 
 def get_config(arg=None):

@@ -14,7 +14,7 @@ LocAtViT 75.7 / 23.7; the full table is in the README ("Demo").
 
 import ml_collections
 
-from configs import common
+from locatvit_jax.configs import common
 
 
 def get_config(arg=None):
