@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from locatvit_jax import metrics
-from locatvit_jax.configs import demo as demo_config
 from locatvit_jax import main as entry
+from locatvit_jax import metrics, paths, sharding
+from locatvit_jax.configs import demo as demo_config
 
 
 def tiny_demo_config(data_dir, mode=None):
@@ -33,19 +33,19 @@ def data_dir(tmp_path_factory):
   return tmp_path_factory.mktemp('demo_data')
 
 
-def test_demo_reports_top1_and_miou_and_draws(tmp_path, data_dir, capsys):
-  result = entry.run(tiny_demo_config(data_dir), str(tmp_path))
+def test_demo_on_a_gs_workdir_reports_top1_and_miou_and_draws(gcs_dir, data_dir, capsys):
+  result = entry.run(tiny_demo_config(data_dir), gcs_dir)
   assert 0.0 <= result['top1'] <= 1.0 and 0.0 <= result['miou'] <= 1.0
   last = capsys.readouterr().out.strip().splitlines()[-1]
   assert last == f'DEMO RESULT (LocAtViT): top-1 {100 * result["top1"]:.2f}%  mIoU {100 * result["miou"]:.2f}%'
   for name in ('gaug_kernels_0.png', 'attention_0.png', 'segment/segmentation_step3.png'):
-    assert (tmp_path / name).stat().st_size > 0, name
+    assert paths.read_bytes(f'{gcs_dir}/{name}')[:4] == b'\x89PNG', name
   for stage in ('pretrain', 'segment'):
-    assert metrics.read_metrics(tmp_path / stage), stage
-  assert (tmp_path / 'pretrain' / 'export' / 'model_config.json').exists()
+    assert metrics.read_metrics(f'{gcs_dir}/{stage}'), stage
+  assert paths.path(f'{gcs_dir}/pretrain/export/model_config.json').exists()
 
 
-def test_compare_writes_table_and_chart(tmp_path, data_dir):
+def test_compare_writes_table_and_chart_and_a_rerun_trains_nothing(tmp_path, data_dir, monkeypatch):
   out = entry.run(tiny_demo_config(data_dir, 'compare'), str(tmp_path))
   rows = json.loads((tmp_path / 'compare.json').read_text())
   assert [(r['variant'], r['seed']) for r in rows] == [('vit', 0), ('vit', 1), ('locat', 0), ('locat', 1)]
@@ -54,3 +54,8 @@ def test_compare_writes_table_and_chart(tmp_path, data_dir):
     mean = out['table']['vit' if variant == 'ViT' else 'locat']['top1'][0]
     assert f'| {variant} | {mean:.2f} ± ' in table
   assert (tmp_path / 'compare.png').stat().st_size > 0
+  # A rerun (e.g. after a crash in the last run) reads every finished run back instead of training.
+  (tmp_path / 'compare.json').unlink()
+  monkeypatch.setattr(sharding, 'to_global', lambda *a: pytest.fail('a finished run fed a batch to the devices'))
+  again = entry.run(tiny_demo_config(data_dir, 'compare'), str(tmp_path))
+  assert again['rows'] == out['rows'] and json.loads((tmp_path / 'compare.json').read_text()) == rows

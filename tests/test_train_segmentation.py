@@ -10,7 +10,7 @@ from flax import nnx
 
 import locatvit_jax
 from locatvit_jax.configs import common
-from locatvit_jax import checkpoint, metrics
+from locatvit_jax import checkpoint, metrics, sharding
 from locatvit_jax.train import segmentation
 from tests.test_seg_data import write_ade20k
 
@@ -95,6 +95,6 @@ def test_bad_settings_fail_before_any_step_and_write_nothing(tmp_path, backbone_
 def test_rerunning_a_finished_run_returns_its_result_without_training(tmp_path, backbone_dir, ade_root, monkeypatch):
   config = seg_config(backbone_dir, ade_root)
   first = segmentation.train_and_evaluate(config, str(tmp_path))
-  monkeypatch.setattr(segmentation, 'make_train_step', lambda *a: pytest.fail('a finished run trained again'))
+  monkeypatch.setattr(sharding, 'to_global', lambda *a: pytest.fail('a finished run fed a batch to the devices'))
   again = segmentation.train_and_evaluate(config, str(tmp_path))
   assert again['miou'] == first['miou'] and again['backbone_sha256'] == first['backbone_sha256']
