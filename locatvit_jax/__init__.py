@@ -1,12 +1,23 @@
 """locatvit_jax: Locality-Attending Vision Transformer (LocAtViT) in JAX/Flax NNX.
 
 Public API:
-  create_model(name, num_classes=1000, **overrides) -> a freshly initialised NNX model
+  create_model(name, num_classes=1000, **overrides) -> a freshly initialised NNX model; `name` is one of
+    MODEL_NAMES or of MODEL_ALIASES (the authors' and timm's spellings, e.g. locatvit_tiny)
   load(path, **overrides) -> a model in evaluation mode from our or the authors' checkpoints
   get_params(model) -> the params as a plain nested dict (the on-disk layout)
+  preprocess(images, model) -> PIL images or uint8 arrays as the float32 batch `model(batch)` classifies
 """
 
 from locatvit_jax.loading import get_params, load
-from locatvit_jax.models.vit import MODEL_NAMES, ViT, ViTConfig, create_model
+from locatvit_jax.models.vit import MODEL_ALIASES, MODEL_NAMES, ViT, ViTConfig, create_model
 
-__all__ = ['create_model', 'load', 'get_params', 'MODEL_NAMES', 'ViT', 'ViTConfig']
+__all__ = ['create_model', 'load', 'get_params', 'preprocess', 'MODEL_NAMES', 'MODEL_ALIASES', 'ViT', 'ViTConfig']
+
+
+def __getattr__(name):
+  # `preprocess` lives in predict.py, which is also `python -m locatvit_jax.predict`: imported with the
+  # package, runpy would warn that the module it is about to run was already imported.
+  if name == 'preprocess':
+    from locatvit_jax.predict import preprocess
+    return preprocess
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -6,6 +6,7 @@ Two on-disk layouts:
 
     DIR/params/              Orbax StandardCheckpointer tree: a plain nested dict of arrays
     DIR/model_config.json    ViTConfig fields
+    DIR/class_names.txt      one class name per line, in label order (when the training data named them)
 
   The arrays are written from host memory (gathered from every device and process first), so
   any JAX program on any number of devices reads them with Orbax alone, as numpy arrays:
@@ -22,7 +23,7 @@ Two on-disk layouts:
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -34,6 +35,7 @@ from locatvit_jax import paths
 
 PARAMS_DIR = 'params'
 CONFIG_FILE = 'model_config.json'
+CLASS_NAMES_FILE = 'class_names.txt'
 CHECKPOINTS_DIR = 'checkpoints'
 
 
@@ -43,8 +45,10 @@ def is_params_export(path) -> bool:
   return (p / PARAMS_DIR).is_dir() and (p / CONFIG_FILE).exists()
 
 
-def save_params(path, params: dict, model_cfg) -> None:
+def save_params(path, params: dict, model_cfg, class_names: Sequence[str] | None = None) -> None:
   """Writes the params export (blocking; every process calls it, process 0 writes the files).
+
+  `class_names` (label order), when given, goes to class_names.txt, where `locatvit_jax.predict` reads it.
 
   Sharded arrays are gathered to host numpy first: an export records no device layout, so a
   checkpoint from a pod restores without a target on a laptop.
@@ -56,6 +60,8 @@ def save_params(path, params: dict, model_cfg) -> None:
   ckptr.wait_until_finished()
   if jax.process_index() == 0:
     paths.write_text(p / CONFIG_FILE, model_cfg.to_json())
+    if class_names is not None:
+      paths.write_text(p / CLASS_NAMES_FILE, ''.join(f'{name}\n' for name in class_names))
 
 
 def restore_params(path) -> tuple[dict, dict]:

@@ -7,7 +7,8 @@ Accepted paths:
 * a Hugging Face-style directory: `config.json` + `model.safetensors` (or `pytorch_model.bin`).
 
 Architecture comes from our `model_config.json`, or is inferred from the tensors (width, depth,
-patch, registers, classes, image size, GAug) and `config.json` (heads, PRR, pooling).
+patch, registers, classes, image size, GAug) and `config.json` (heads, PRR, image size, pooling: see
+convert.hf_config for the keys, in timm's hub format, and the authors' or timm's model names).
 """
 
 from __future__ import annotations
@@ -127,8 +128,21 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
 
 
 def infer_config(state: dict[str, np.ndarray], hf: dict | None = None, **overrides) -> ViTConfig:
-  """Architecture from timm tensor shapes, refined by a config.json (`hf`) and explicit overrides."""
-  hf = hf or {}
+  """Architecture from timm tensor shapes, then what a config.json (`hf`) states, then explicit overrides.
+
+  A config.json that contradicts the tensors gives a config they do not fit, which _check_shapes reports.
+  """
+  from locatvit_jax import convert  # see _timm_model
+
+  fields = convert.config_json_fields(_tensor_fields(state), hf or {})
+  fields.update(overrides)
+  if 'img_size' not in fields and 'pos_embed' in state:
+    fields['img_size'] = _square_image_size(state['pos_embed'], fields)
+  return ViTConfig.from_dict(fields)
+
+
+def _tensor_fields(state: dict[str, np.ndarray]) -> dict[str, Any]:
+  """The ViTConfig fields the tensors tell; heads and PRR are guesses a config.json corrects."""
   for key in ('patch_embed.proj.weight', 'blocks.0.mlp.fc1.weight'):
     if key not in state:
       raise ValueError(f'not a ViT state dict: no {key} among '
@@ -140,25 +154,21 @@ def infer_config(state: dict[str, np.ndarray], hf: dict | None = None, **overrid
   if gaug:
     heads = width // state['blocks.0.attn.gaug.log_var.weight'].shape[1]
   else:
-    heads = hf.get('num_heads') or next((s[2] for s in SIZES.values() if s[0] == width), width // 64)
-  pool = 'gap' if 'fc_norm.weight' in state or hf.get('global_pool') == 'avg' else 'token'
-  reg = state['reg_token'].shape[1] if 'reg_token' in state else int(hf.get('reg_tokens', 0))
-  img = overrides.get('img_size') or hf.get('img_size')
-  if img is None and 'pos_embed' in state:
-    n = state['pos_embed'].shape[1] - (pool == 'token') - reg
-    side = math.isqrt(n)
-    if side * side != n:
-      raise ValueError(f'pos_embed has {n} patch positions, not a square grid; give the image size it was '
-                       'built for: load(path, img_size=(height, width))')
-    img = side * patch
-  arch = str(hf.get('architecture', ''))
-  cfg = dict(width=width, depth=depth, num_heads=heads, mlp_dim=state['blocks.0.mlp.fc1.weight'].shape[0],
-             patch_size=patch, img_size=img or 224,
-             num_classes=state['head.weight'].shape[0] if 'head.weight' in state else 0,
-             gaug=gaug, prr=hf.get('prr', arch.startswith('locat') or gaug), pool=pool,
-             pos_embed='learn' if 'pos_embed' in state else 'none', reg_tokens=reg, drop_path=0.0)
-  cfg.update(overrides)
-  return ViTConfig.from_dict(cfg)
+    heads = next((s[2] for s in SIZES.values() if s[0] == width), width // 64)
+  return dict(width=width, depth=depth, num_heads=heads, mlp_dim=state['blocks.0.mlp.fc1.weight'].shape[0],
+              patch_size=patch, num_classes=state['head.weight'].shape[0] if 'head.weight' in state else 0,
+              gaug=gaug, prr=gaug, pool='gap' if 'fc_norm.weight' in state else 'token',
+              pos_embed='learn' if 'pos_embed' in state else 'none',
+              reg_tokens=state['reg_token'].shape[1] if 'reg_token' in state else 0, drop_path=0.0)
+
+
+def _square_image_size(pos_embed: np.ndarray, fields: dict) -> int:
+  n = pos_embed.shape[1] - (fields['pool'] == 'token') - fields['reg_tokens']
+  side = math.isqrt(n)
+  if side * side != n:
+    raise ValueError(f'pos_embed has {n} patch positions, not a square grid; give the image size it was '
+                     'built for: load(path, img_size=(height, width))')
+  return side * fields['patch_size']
 
 
 def _timm_model(state, hf, overrides) -> ViT:

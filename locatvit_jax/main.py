@@ -30,6 +30,9 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (with --coo
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+TASKS = ('classification', 'segmentation', 'demo')
+
+
 def initialize_distributed() -> None:
   """Multi-controller JAX: explicit peers, else cluster auto-detection, else one process."""
   import jax
@@ -46,6 +49,8 @@ def initialize_distributed() -> None:
 
 def run(config, workdir: str):
   """Dispatches on config.task; returns the job's final metrics."""
+  if config.task not in TASKS:
+    raise ValueError(f'config.task={config.task!r}; expected one of {TASKS}')
   if config.task == 'classification':
     from locatvit_jax.train import classification
     return classification.train_and_evaluate(config, workdir)
@@ -55,7 +60,6 @@ def run(config, workdir: str):
   if config.task == 'demo':
     from locatvit_jax import demo
     return demo.run(config, workdir)
-  raise ValueError(f"config.task={config.task!r}; expected 'classification', 'segmentation' or 'demo'")
 
 
 def main(argv):

@@ -135,15 +135,18 @@ GCS_BUCKET = 'locatvit-test'
 
 
 @pytest.fixture(scope='session')
-def gcs_emulator():
+def gcs_emulator(tmp_path_factory):
   """A GCS emulator on loopback (tests/gcs_emulator.py) for the whole session; gcsfs and tensorstore,
   here and in the subprocesses tests start, are pointed at it through the environment."""
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
-  proc = subprocess.Popen([sys.executable, str(REPO / 'tests' / 'gcs_emulator.py'), 'start', '--host=127.0.0.1',
-                           f'--port={port}', '--in-memory', f'--default-bucket={GCS_BUCKET}', '-q'],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  # A file, not a pipe: the emulator logs every dropped connection, and a full pipe would stall it.
+  log = tmp_path_factory.mktemp('gcs_emulator') / 'log.txt'
+  with open(log, 'wb') as log_file:
+    proc = subprocess.Popen([sys.executable, str(REPO / 'tests' / 'gcs_emulator.py'), 'start', '--host=127.0.0.1',
+                             f'--port={port}', '--in-memory', f'--default-bucket={GCS_BUCKET}', '-q'],
+                            stdout=log_file, stderr=subprocess.STDOUT)
   deadline = time.monotonic() + 60
   while True:
     try:
@@ -152,7 +155,7 @@ def gcs_emulator():
     except OSError:
       if proc.poll() is not None or time.monotonic() > deadline:
         proc.kill()
-        pytest.fail(f'the GCS emulator did not start: {proc.stderr.read().decode()[-2000:]}')
+        pytest.fail(f'the GCS emulator did not start: {log.read_text()[-2000:]}')
       time.sleep(0.1)
   url = f'http://127.0.0.1:{port}'
   env = {'STORAGE_EMULATOR_HOST': url, 'TENSORSTORE_GCS_HTTP_URL': url,

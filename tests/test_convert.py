@@ -1,6 +1,8 @@
-"""The convert CLI and the key rules: official -> ours -> official bit for bit, and the params export
-that any JAX program reads with Orbax alone."""
+"""The convert CLI and the key rules: official -> ours -> official bit for bit, the params export that
+any JAX program reads with Orbax alone, and the Hugging Face folder (--to-hf) that load() rebuilds from."""
 
+import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +14,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import locatvit_jax
-from locatvit_jax import convert, loading
+from locatvit_jax import checkpoint, convert, loading
 from locatvit_jax.models import vit
 from tests.conftest import REPO
 
@@ -151,6 +153,74 @@ def test_variants_round_trip_through_the_timm_layout(overrides, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, loading.get_params(loaded), loading.get_params(model))
 
 
+# -- the Hugging Face folder (--to-hf) ------------------------------------------------------------------
+# Width 32, depth 2, 32 px in a 4x4 grid of 8 px patches: seconds on a CPU.
+TINY_HF = dict(num_classes=5, img_size=32, width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8, drop_path=0.0)
+# timm's VisionTransformer kwargs for TINY_HF, as config.json's model_args records them.
+TINY_ARGS = dict(img_size=[32, 32], patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, class_token=True,
+                 global_pool='token', reg_tokens=0)
+
+
+def test_hf_config_is_timm_hub_format():
+  """timm's save_config_for_hf layout. model_args are the constructor's kwargs: the authors' LocAtViT takes
+  gaug, prr and no_pos_emb, timm's VisionTransformer (plain ViT) pos_embed and would reject the others."""
+  locat = convert.hf_config(vit.model_config('locatvit_ti16', **TINY_HF, pool='gap', reg_tokens=2))
+  assert locat == {
+      'architecture': 'locatvit_tiny', 'num_classes': 5, 'num_features': 32, 'global_pool': 'avg',
+      'model_args': {**TINY_ARGS, 'class_token': False, 'global_pool': 'avg', 'reg_tokens': 2,
+                     'gaug': True, 'prr': True, 'no_pos_emb': False},
+      'pretrained_cfg': {'input_size': [3, 32, 32], 'interpolation': 'bicubic', 'crop_mode': 'center',
+                         'crop_pct': 224 / 248, 'mean': [0.5, 0.5, 0.5], 'std': [0.5, 0.5, 0.5], 'num_classes': 5,
+                         'first_conv': 'patch_embed.proj', 'classifier': 'head'}}
+  plain = convert.hf_config(vit.model_config('vit_ti16', **TINY_HF, pos_embed='none'))
+  assert plain['architecture'] == 'vit_tiny_patch16_224' and plain['global_pool'] == 'token'
+  assert plain['model_args'] == {**TINY_ARGS, 'pos_embed': 'none'}
+
+
+@pytest.mark.parametrize('name', sorted(vit.MODEL_ALIASES))
+def test_hf_architecture_is_the_authors_name_at_the_sizes_they_register(name):
+  cfg = vit.model_config(name, img_size=384, num_classes=10, pool='gap')  # none of these is in a name
+  assert convert.architecture(cfg) == name
+  # Other sizes and patches: the family's tiny constructor; model_args carry the real ones.
+  tiny = 'locatvit_tiny' if name.startswith('locatvit') else 'vit_tiny_patch16_224'
+  assert convert.architecture(dataclasses.replace(cfg, patch_size=8)) == tiny
+
+
+@pytest.mark.parametrize('name, overrides, architecture', [
+    ('locatvit_ti16', {}, 'locatvit_tiny'),
+    ('locatvit_ti16', dict(prr=False), 'locatvit_tiny'),  # GAug only
+    ('locatvit_ti16', dict(gaug=False), 'locatvit_tiny'),  # PRR only: the tensors cannot tell PRR
+    ('vit_ti16', {}, 'vit_tiny_patch16_224'),  # no GAug: the tensors cannot tell the heads
+    ('locatvit_ti16', dict(pool='gap'), 'locatvit_tiny'),
+    ('locatvit_ti16', dict(reg_tokens=4), 'locatvit_tiny'),
+    ('locatvit_ti16', dict(pos_embed='none'), 'locatvit_tiny'),  # no pos_embed: the tensors cannot tell the grid
+    ('vit_ti16', dict(pos_embed='none'), 'vit_tiny_patch16_224'),
+], ids=['locat', 'gaug_only', 'prr_only', 'plain', 'gap', 'registers', 'no_pos_embed', 'plain_no_pos_embed'])
+def test_variants_round_trip_through_the_hf_folder(name, overrides, architecture, tmp_path):
+  model = vit.create_model(name, seed=3, **{**TINY_HF, **overrides})
+  convert.write_hf(model, tmp_path / 'hf')
+  assert sorted(p.name for p in (tmp_path / 'hf').iterdir()) == ['config.json', 'model.safetensors']
+  assert json.loads((tmp_path / 'hf' / 'config.json').read_text())['architecture'] == architecture
+  loaded = locatvit_jax.load(tmp_path / 'hf')
+  assert loaded.cfg == model.cfg
+  images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  np.testing.assert_array_equal(loaded(images), model(images))
+
+
+def test_cli_writes_the_hf_folder(tmp_path):
+  model = vit.create_model('locatvit_ti16', seed=4, **{**TINY_HF, 'pool': 'gap'})
+  checkpoint.save_params(tmp_path / 'export', loading.get_params(model), model.cfg)
+  done = run_cli(tmp_path / 'export', tmp_path / 'hf', '--to-hf')
+  assert done.returncode == 0, done.stderr
+  assert done.stdout == f'wrote {tmp_path / "hf"}\n'
+  assert 'Warning' not in done.stderr, done.stderr
+  # The tensors are --to-timm's file, byte for byte.
+  convert.to_timm(tmp_path / 'export', tmp_path / 'timm.safetensors')
+  assert (tmp_path / 'hf' / 'model.safetensors').read_bytes() == (tmp_path / 'timm.safetensors').read_bytes()
+  images = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  np.testing.assert_array_equal(locatvit_jax.load(tmp_path / 'hf')(images), model(images))
+
+
 def test_key_rules_reject_what_they_do_not_know():
   with pytest.raises(ValueError, match=r"no rule for timm key 'blocks.0.attn.q_norm.weight' with class-token"):
     convert.timm_to_ours({'blocks.0.attn.q_norm.weight': np.zeros(4)})
@@ -166,6 +236,8 @@ def test_key_rules_reject_what_they_do_not_know():
     (('{tmp}', '{tmp}/out'), 'found neither params/'),
     (('{tmp}/notes.txt', '{tmp}/out.safetensors'), 'out.safetensors: writing .safetensors needs --to-timm'),
     (('{tmp}/notes.txt', '{tmp}/out', '--to-timm'), 'out: --to-timm writes a .safetensors file'),
+    (('{tmp}/notes.txt', '{tmp}/out.safetensors', '--to-hf'), 'out.safetensors: --to-hf writes a folder'),
+    (('{tmp}/notes.txt', '{tmp}/notes.txt', '--to-hf'), 'notes.txt: is a file, and --to-hf writes a directory'),
 ])
 def test_cli_errors_are_one_line(args, message, tmp_path, capsys):
   (tmp_path / 'notes.txt').write_text('not a checkpoint')

@@ -1,5 +1,6 @@
 """`load()`: parity with the authors' model, architecture inference, and every way a load can fail."""
 
+import json
 import sys
 
 import jax
@@ -119,6 +120,43 @@ def test_non_square_position_embedding_needs_the_image_size(tmp_path):
   with pytest.raises(ValueError, match=r'pos_embed has 24 patch positions, not a square grid; .*img_size='):
     locatvit_jax.load(path)
   assert locatvit_jax.load(path, img_size=(64, 96)).cfg == model.cfg
+
+
+# -- config.json -----------------------------------------------------------------------------------
+@pytest.mark.parametrize('key, overrides', [
+    ('prr', dict(gaug=False)), ('img_size', dict(pos_embed='none', img_size=32)),
+], ids=['prr_from_the_name', 'img_size_from_input_size'])
+def test_config_json_without_the_model_arg(key, overrides, tmp_path):
+  """timm records only the kwargs that differ from the name's defaults. The authors' PRR-only ablation
+  (`locatvit_tiny`, gaug=False) then has no prr: the name alone says PRR is on. Without a position
+  embedding, only pretrained_cfg's input_size gives the grid GAug was built for."""
+  model = tiny_model(**overrides)
+  convert.write_hf(model, tmp_path)
+  config = json.loads((tmp_path / 'config.json').read_text())
+  assert config['architecture'] == 'locatvit_tiny'
+  del config['model_args'][key]
+  (tmp_path / 'config.json').write_text(json.dumps(config))
+  assert locatvit_jax.load(tmp_path).cfg == model.cfg
+
+
+def test_config_json_naming_another_size_is_reported(tmp_path):
+  convert.write_hf(tiny_model(), tmp_path)
+  config = json.loads((tmp_path / 'config.json').read_text())
+  del config['model_args']  # as in the authors' hub files: the name alone gives the sizes
+  (tmp_path / 'config.json').write_text(json.dumps({**config, 'architecture': 'locatvit_small'}))
+  with pytest.raises(ValueError, match=r'checkpoint does not fit width=384 depth=12 heads=6 .*'
+                     r'wrong shape patch_embed.proj.weight: got \(64, 3, 16, 16\), expected \(384, 3, 16, 16\)'):
+    locatvit_jax.load(tmp_path)
+
+
+def test_class_token_must_match_the_pooling(tmp_path):
+  convert.write_hf(tiny_model(), tmp_path)
+  config = json.loads((tmp_path / 'config.json').read_text())
+  config['model_args']['global_pool'] = 'avg'  # timm's GAP ViT with a class token: not a model of ours
+  (tmp_path / 'config.json').write_text(json.dumps(config))
+  with pytest.raises(ValueError, match=r"config.json: class_token=True with global_pool='avg'; this ViT has a "
+                     r"class token exactly when it pools it \('token'\)"):
+    locatvit_jax.load(tmp_path)
 
 
 # -- paths that are not checkpoints -------------------------------------------------------------

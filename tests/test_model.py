@@ -162,6 +162,30 @@ def test_every_model_name_builds_with_the_expected_parameter_count(name):
   assert count_params(name) == TIMM_VIT_PARAMS[size] + (195 * depth if kind == 'locatvit' else 0)
 
 
+# The names the authors register for LocAtViT (their models/vit.py) and timm's for plain ViT: size, LocAt.
+AUTHORS_AND_TIMM_NAMES = {
+    'locatvit_tiny': ('ti', True), 'locatvit_small': ('s', True), 'locatvit_base': ('b', True),
+    'vit_tiny_patch16_224': ('ti', False), 'vit_small_patch16_224': ('s', False),
+    'vit_base_patch16_224': ('b', False), 'vit_large_patch16_224': ('l', False),
+}
+
+
+def test_aliases_are_the_authors_and_timm_names():
+  assert set(vit.MODEL_ALIASES) == set(AUTHORS_AND_TIMM_NAMES)
+  assert set(vit.MODEL_ALIASES.values()) <= set(vit.MODEL_NAMES)
+
+
+@pytest.mark.parametrize('name', sorted(AUTHORS_AND_TIMM_NAMES))
+def test_authors_and_timm_names_build_the_models_they_name(name):
+  size, locat = AUTHORS_AND_TIMM_NAMES[name]
+  cfg = vit.model_config(name)
+  # timm's ViT defaults, which the authors' LocAtViT keeps: 16 px patches at 224, class token, no registers.
+  timm_defaults = (16, (224, 224), 'token', 0, 'learn')
+  assert (cfg.patch_size, cfg.img_size, cfg.pool, cfg.reg_tokens, cfg.pos_embed) == timm_defaults
+  assert (cfg.gaug, cfg.prr) == (locat, locat)
+  assert cfg == vit.model_config(f'{"locatvit" if locat else "vit"}_{size}16')  # whose parameters are counted above
+
+
 @pytest.mark.parametrize('size', ['ti', 's', 'b'])
 def test_gaug_adds_2340_parameters_and_prr_none(size):
   assert count_params(f'locatvit_{size}16', prr=False) - count_params(f'vit_{size}16') == 2340
@@ -285,8 +309,9 @@ def test_bad_images(tiny, shape, message):
     tiny(jnp.zeros(shape))
 
 
-def test_unknown_model_name():
-  with pytest.raises(ValueError, match=r"unknown model name 'vit_xl16'; expected one of \('vit_ti16'"):
+def test_unknown_model_name_lists_every_accepted_name():
+  with pytest.raises(ValueError, match=r"unknown model name 'vit_xl16'; expected one of "
+                     r"\('vit_ti16', .*'locatvit_l16'\) or \('locatvit_tiny', .*'vit_large_patch16_224'\)$"):
     vit.create_model('vit_xl16')
 
 

@@ -2,6 +2,7 @@
 
 import pathlib
 import re
+import subprocess
 
 import nbclient
 import nbformat
@@ -43,3 +44,22 @@ def test_notebook_runs_pretrains_draws_shards_and_segments(tmp_path, monkeypatch
   for name in pictures:
     assert (workdir / name).read_bytes().startswith(b'\x89PNG'), name
   assert sum('image/png' in o.get('data', {}) for o in outputs) == len(pictures)
+
+
+def test_install_cell_clones_repo_url_and_resolves_the_package_with_its_extras(tmp_path, monkeypatch):
+  """The Parameters and Install cells alone, in a folder with no checkout: they clone REPO_URL and
+  hand pip the package with this runtime's extras (a dry run here: nothing is installed)."""
+  subprocess.run(['git', 'clone', '-q', str(REPO), str(tmp_path / 'origin')], check=True, timeout=120)
+  monkeypatch.setenv('LOCATVIT_NOTEBOOK_TEST', '1')
+  monkeypatch.setenv('LOCATVIT_REPO_URL', str(tmp_path / 'origin'))
+  (tmp_path / 'colab').mkdir()
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  parameters, install = (next(c for c in nb.cells if c.cell_type == 'code' and marker in c.source)
+                         for marker in ('REPO_URL =', 'def find_or_clone_repository'))
+  nb.cells = [parameters, install]
+  nbclient.NotebookClient(nb, timeout=300, kernel_name='python3',
+                          resources={'metadata': {'path': str(tmp_path / 'colab')}}).execute()
+  text = ''.join(o.get('text', '') for o in install.outputs if o.output_type == 'stream')
+  assert (tmp_path / 'colab' / 'locatvit_jax' / 'pyproject.toml').exists()  # cloned next to the notebook
+  assert f"{tmp_path / 'colab' / 'locatvit_jax'}[demo]" in text  # CPU runtime: no accelerator extra
+  assert 'Would install locatvit_jax-' in text

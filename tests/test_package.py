@@ -81,6 +81,8 @@ def test_console_scripts_help_outside_the_checkout(installed, tmp_path):
   assert train.returncode == 0 and '--workdir' in train.stdout + train.stderr, train.stderr[-2000:]
   convert = _run([installed / 'locatvit-convert', '--help'], tmp_path)
   assert convert.returncode == 0 and '--to-timm' in convert.stdout, convert.stderr[-2000:]
+  predict = _run([installed / 'locatvit-predict', '--help'], tmp_path)
+  assert predict.returncode == 0 and '--init' in predict.stdout, predict.stderr[-2000:]
 
 
 def test_packaged_configs_train_outside_the_checkout(installed, tmp_path):

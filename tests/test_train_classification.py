@@ -19,7 +19,7 @@ import tensorflow_datasets as tfds
 
 import locatvit_jax
 from locatvit_jax import main as entry
-from locatvit_jax import metrics
+from locatvit_jax import checkpoint, loading, metrics, sharding
 from locatvit_jax.train import classification
 from tests.conftest import REPO, export_params, main_cmd, subprocess_env, tiny_classification_config, wait_for
 
@@ -160,3 +160,94 @@ def test_bad_configs_fail_fast(tmp_path, image_folder, override, message):
   assert out.returncode != 0
   assert message in out.stderr + out.stdout
   assert not (tmp_path / 'checkpoints').exists()
+
+
+# -- starting from a checkpoint: fine-tuning and evaluation ------------------------------------------
+@pytest.fixture(scope='module')
+def ten_class_export(tmp_path_factory):
+  """A tiny LocAtViT with 10 classes: a checkpoint to fine-tune on the 4-class folder."""
+  model = locatvit_jax.create_model('locatvit_ti16', num_classes=10, img_size=32, width=32, depth=2, num_heads=2,
+                                    mlp_dim=64, seed=7)
+  path = tmp_path_factory.mktemp('ten_class')
+  checkpoint.save_params(path, locatvit_jax.get_params(model), model.cfg)
+  return path
+
+
+def test_init_starts_from_the_checkpoint_with_a_fresh_head(ten_class_export, image_folder):
+  config = tiny_classification_config(str(image_folder), init=str(ten_class_export))
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  model_cfg, pretrained = classification.load_init(config, classification.check_config(config, mesh))
+  setup = classification.build(config, model_cfg, mesh, 4, 1, pretrained)
+  start = loading.flatten(jax.device_get(loading.params_dict(setup.init_state()['params'])))
+  source = loading.flatten(locatvit_jax.get_params(locatvit_jax.load(ten_class_export)))
+  assert start.keys() == source.keys() and start['head/kernel'].shape == (32, 4)
+  for key in source:
+    if not key.startswith('head/'):
+      np.testing.assert_array_equal(start[key], source[key], err_msg=key)
+
+
+def test_init_that_does_not_fit_the_config_is_one_clear_error(ten_class_export, image_folder, tmp_path):
+  config = tiny_classification_config(str(image_folder), init=str(ten_class_export))
+  config.model.update(dict(prr=False, depth=3))
+  with pytest.raises(ValueError, match=r'holds a model with depth=2 \(config: 3\), prr=True \(config: False\)'):
+    entry.run(config, str(tmp_path / 'w'))
+  assert not (tmp_path / 'w').exists()
+
+
+def test_fine_tune_from_the_command_line_learns_profiles_and_records_the_run(ten_class_export, image_folder, tmp_path):
+  cmd = main_cmd(tmp_path, image_folder, 30, [f'--config.init={ten_class_export}', '--config.model.drop_path=0.0',
+                                              '--config.mixup.mixup_alpha=0.0', '--config.mixup.cutmix_alpha=0.0',
+                                              '--config.aug.randaug_num_ops=0', '--config.aug.erase_prob=0.0',
+                                              '--config.optim.lr=3e-3', '--config.optim.lr_base_batch=8',
+                                              '--config.checkpoint_every=30',
+                                              '--config.profile_steps=(3, 5)'])
+  out = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = metrics.read_metrics(tmp_path)
+  losses = [r['loss'] for r in rows]
+  assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])  # measured: 1.31 -> 0.95
+  assert rows[-1]['eval_top1'] >= 0.5  # 4 classes: chance is 0.25; measured 0.75
+  # What the run recorded about itself.
+  recorded = json.loads((tmp_path / 'run_config.json').read_text())
+  assert recorded['init'] == str(ten_class_export) and recorded['total_steps'] == 30
+  env = json.loads((tmp_path / 'run_environment.json').read_text())
+  assert env['packages']['jax'] == jax.__version__ and env['devices'] == ['cpu:0'] and env['backend'] == 'cpu'
+  # The profile of steps 3-4, readable as an XSpace with the host's trace in it.
+  (trace,) = (tmp_path / 'plugins' / 'profile').glob('*/*.xplane.pb')
+  planes = [p.name for p in jax.profiler.ProfileData.from_file(str(trace)).planes]
+  assert any('host' in name.lower() or 'cpu' in name.lower() for name in planes), planes
+
+
+def test_evaluate_the_authors_weights_on_an_imagenet_layout_folder(parity_dir, tmp_path):
+  """eval_only with init = the authors' checkpoint (10 classes): top-1 over an ImageNet-layout folder
+  whose labels are chosen from the model's own predictions (4 of 6 images in their predicted class)."""
+  from PIL import Image
+  from locatvit_jax.data import pipeline, sources
+  rng = np.random.default_rng(0)
+  probe = tmp_path / 'probe' / 'all'
+  probe.mkdir(parents=True)
+  for i in range(6):
+    Image.fromarray(rng.integers(0, 256, (230 + 10 * i, 260, 3), np.uint8)).save(probe / f'{i}.png')
+  config = tiny_classification_config()
+  config.model.img_size = 224
+  config.aug.eval_resize = 248
+  loader = pipeline.classification_loader(sources.image_folder_source(str(probe.parent)), train=False,
+                                          global_batch_size=8, img_size=224, aug=config.aug, seed=0, worker_count=0)
+  batch = next(iter(loader))
+  predicted = np.argmax(np.asarray(locatvit_jax.load(parity_dir)(batch['image'][:6])), -1)
+  for c in range(10):
+    (tmp_path / 'imagenet' / 'val' / f'n{c:08d}').mkdir(parents=True)
+  for i in range(6):
+    label = predicted[i] if i < 4 else (predicted[i] + 1) % 10
+    (probe / f'{i}.png').rename(tmp_path / 'imagenet' / 'val' / f'n{label:08d}' / f'{i}.png')
+
+  cmd = [sys.executable, '-m', 'locatvit_jax.main', '--config=configs/vit_ti.py', f'--workdir={tmp_path / "w"}',
+         f'--config.init={parity_dir}', '--config.eval_only=True', '--config.data.kind=folder',
+         f'--config.data.root={tmp_path / "imagenet"}', '--config.data.num_classes=10', '--config.eval_batch_size=8',
+         '--config.input.worker_count=0']
+  out = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  final = json.loads(next(l for l in out.stdout.splitlines() if l.startswith('Final metrics: '))[15:])
+  assert final['eval_top1'] == pytest.approx(4 / 6) and final['eval_examples'] == 6
+  assert json.loads((tmp_path / 'w' / 'eval_step0.json').read_text())['eval_top1'] == final['eval_top1']
+  assert not (tmp_path / 'w' / 'checkpoints').exists()  # nothing trained

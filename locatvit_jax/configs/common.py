@@ -14,6 +14,8 @@ def classification_config(size: str, variant: str | None) -> ml_collections.Conf
   c = ml_collections.ConfigDict()
   c.task = 'classification'
   c.seed = 0
+  c.init = ''  # optional: a checkpoint to start from (anything locatvit_jax.load reads)
+  c.eval_only = False  # evaluate the workdir's newest checkpoint, else `init`; train nothing
   c.model_name = f'vit_{size}16'  # gaug/prr come from the variant
   width, depth, heads, mlp_dim, drop_path = SIZES[size]
   c.model = ml_collections.ConfigDict(dict(
@@ -48,7 +50,16 @@ def classification_config(size: str, variant: str | None) -> ml_collections.Conf
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
   c.export_best = True
+  c.profile_steps = ()  # (start, stop): a jax.profiler trace of those steps into WORKDIR/plugins/profile
   return c
+
+
+def eval_transform() -> dict:
+  """The recipe's evaluation transform, the same for every ViT size: resize the short side to
+  eval_resize (bicubic), centre-crop img_size, normalise with mean and std (timm: crop_pct =
+  img_size / eval_resize). Read by predict.preprocess and the Hugging Face config that convert writes."""
+  c = classification_config('ti', None)
+  return dict(img_size=c.model.img_size, eval_resize=c.aug.eval_resize, mean=tuple(c.aug.mean), std=tuple(c.aug.std))
 
 
 # Frozen-backbone segmentation (spec section 6): dataset -> (data fields, crop, train/eval scale).
@@ -101,4 +112,5 @@ def segmentation_config(dataset: str, arg: str | None) -> ml_collections.ConfigD
   c.num_pictures = 4
   c.checkpoint_every = 1000
   c.keep_checkpoints = 2
+  c.profile_steps = ()  # (start, stop): a jax.profiler trace of those steps into WORKDIR/plugins/profile
   return c

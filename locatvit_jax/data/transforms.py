@@ -28,7 +28,10 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 # -- decoding ----------------------------------------------------------------------------------------
 def to_rgb(image) -> Image.Image:
-  """Encoded bytes or a decoded uint8 array (H, W[, C]) -> RGB PIL image (grey/CMYK/alpha converted)."""
+  """A PIL image, encoded bytes or a decoded uint8 array (H, W[, C]) -> RGB PIL image (grey/CMYK/alpha
+  converted)."""
+  if isinstance(image, Image.Image):
+    return image.convert('RGB')
   if isinstance(image, np.ndarray):
     if image.ndim == 3 and image.shape[-1] == 1:
       image = image[..., 0]
@@ -236,6 +239,11 @@ def random_erase(x: np.ndarray, rng: np.random.Generator, prob: float) -> np.nda
   return x
 
 
+def eval_transform(image: Image.Image, size: int, resize: int, mean, std) -> np.ndarray:
+  """The evaluation recipe on one RGB image: float32 (size, size, 3). `locatvit_jax.preprocess` uses it too."""
+  return normalize(center_crop(resize_short_side(image, resize), size), mean, std)
+
+
 # -- the two recipes as Grain transforms ----------------------------------------------------------------
 class TrainAugment(grain.transforms.RandomMap):
   """Decoded record -> {'image': float32 (size, size, 3), 'label', 'key'}; undecodable images pass as None.
@@ -274,6 +282,5 @@ class EvalPreprocess(grain.transforms.Map):
     if record['image'] is None:
       return {'image': np.zeros((self.size, self.size, 3), np.float32), 'label': np.int32(record['label']),
               'valid': np.int32(0), 'skipped': np.int32(1)}
-    image = center_crop(resize_short_side(record['image'], self.resize), self.size)
-    return {'image': normalize(image, self.mean, self.std), 'label': np.int32(record['label']),
-            'valid': np.int32(1), 'skipped': np.int32(0)}
+    image = eval_transform(record['image'], self.size, self.resize, self.mean, self.std)
+    return {'image': image, 'label': np.int32(record['label']), 'valid': np.int32(1), 'skipped': np.int32(0)}

@@ -31,6 +31,20 @@ SIZES = {
 }
 MODEL_NAMES = tuple(f'{kind}_{size}16' for size in SIZES for kind in ('vit', 'locatvit'))
 _NAME_RE = re.compile(r'^(vit|locatvit)_(ti|s|b|l)(\d+)$')
+# Other spellings of the same models -> ours. The authors register LocAtViT as locatvit_{tiny,small,base}
+# (their models/vit.py: timm's ViT, patch 16, 224 px, class token, learned position embedding, no
+# registers, GAug and PRR on); timm's plain ViTs of our sizes are vit_*_patch16_224. Not here: the
+# authors' nopos_vit_* (no position embedding: a config flag, not a name of ours), and their Swin, RoPE
+# and Jumbo models, which this ViT does not build.
+MODEL_ALIASES = {
+    'locatvit_tiny': 'locatvit_ti16',
+    'locatvit_small': 'locatvit_s16',
+    'locatvit_base': 'locatvit_b16',
+    'vit_tiny_patch16_224': 'vit_ti16',
+    'vit_small_patch16_224': 'vit_s16',
+    'vit_base_patch16_224': 'vit_b16',
+    'vit_large_patch16_224': 'vit_l16',
+}
 
 # The paper's baselines and ablations: flags on the same model (a config argument picks one).
 VARIANTS = {
@@ -128,10 +142,10 @@ class ViTConfig:
 
 
 def model_config(name: str, **overrides) -> ViTConfig:
-  """`locatvit_b16` -> ViTConfig of ViT-B/16 with GAug and PRR; overrides win."""
-  m = _NAME_RE.match(name)
+  """`locatvit_b16` (or `locatvit_base`) -> ViTConfig of ViT-B/16 with GAug and PRR; overrides win."""
+  m = _NAME_RE.match(MODEL_ALIASES.get(name, name))
   if not m:
-    raise ValueError(f'unknown model name {name!r}; expected one of {MODEL_NAMES}')
+    raise ValueError(f'unknown model name {name!r}; expected one of {MODEL_NAMES} or {tuple(MODEL_ALIASES)}')
   kind, size, patch = m.groups()
   width, depth, heads, mlp, dpr = SIZES[size]
   locat_on = kind == 'locatvit'
@@ -316,6 +330,6 @@ class ViT(nnx.Module):
 
 
 def create_model(name: str, num_classes: int = 1000, *, seed: int = 0, **overrides) -> ViT:
-  """Builds a freshly initialised model by name (see MODEL_NAMES); config fields as overrides."""
+  """Builds a freshly initialised model by name (MODEL_NAMES or MODEL_ALIASES); config fields as overrides."""
   cfg = model_config(name, num_classes=num_classes, **overrides)
   return ViT(cfg, rngs=nnx.Rngs(seed))

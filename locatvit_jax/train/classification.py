@@ -1,7 +1,12 @@
-"""ImageNet-style classification pretraining (spec section 5), readable top to bottom.
+"""ImageNet-style classification: pretraining (spec section 5), fine-tuning and evaluation.
 
-Sections: config checks -> data -> model and optimizer -> sharded state (resume or init) -> jitted
-steps -> the loop (log, evaluate, checkpoint, preemption) -> export.
+Sections: config checks -> data -> model and optimizer -> sharded state (resume, init from
+`config.init`, or fresh) -> jitted steps -> the loop (log, evaluate, checkpoint, preemption) -> export.
+
+`config.init` (anything `locatvit_jax.load` reads: our exports and workdirs, the authors' weights)
+starts training from those parameters; its architecture must match the config's, and the head is
+kept when the class counts agree, else made fresh (fine-tuning on a new label set).
+`config.eval_only` evaluates the workdir's newest checkpoint, or else `config.init`, and trains nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from absl import logging
 from flax import nnx
@@ -26,6 +32,36 @@ from locatvit_jax.train import common, mixup, optim
 # -- config ------------------------------------------------------------------------------------------
 def model_config(config) -> vit.ViTConfig:
   return vit.model_config(config.model_name, num_classes=config.data.num_classes, **config.model.to_dict())
+
+
+# What a checkpoint fixes about the model. Classes, drop path, dtype, attention kernel and remat are
+# the run's (config.model); the input size too (the model resamples its position embedding).
+ARCHITECTURE_FIELDS = ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size', 'gaug', 'prr', 'pool',
+                       'pos_embed', 'reg_tokens')
+
+
+def load_init(config, model_cfg: vit.ViTConfig) -> tuple[vit.ViTConfig, dict]:
+  """(the run's model config, flat params to start from) for `config.init`, checked against the config.
+
+  The position embedding keeps the checkpoint's grid (its img_size), so inputs of the config's size
+  go through the model's own resampling, as at inference. The head is dropped when the checkpoint
+  has another number of classes: the run's head starts fresh.
+  """
+  try:
+    init = loading.load(config.init)
+  except (FileNotFoundError, ValueError) as e:
+    raise ValueError(f'config.init={config.init} cannot be loaded: {e}') from e
+  mismatched = [f'{f}={getattr(init.cfg, f)!r} (config: {getattr(model_cfg, f)!r})'
+                for f in ARCHITECTURE_FIELDS if getattr(init.cfg, f) != getattr(model_cfg, f)]
+  if mismatched:
+    raise ValueError(f'config.init={config.init} holds a model with {", ".join(mismatched)}; use the config of '
+                     'its size and variant (e.g. configs/vit_ti.py:vit) or set those --config.model fields')
+  params = loading.flatten(jax.tree.map(np.asarray, loading.get_params(init)))
+  if init.cfg.num_classes != model_cfg.num_classes:
+    logging.info('config.init has %d classes, the run %d: the head starts fresh.', init.cfg.num_classes,
+                 model_cfg.num_classes)
+    params = {k: v for k, v in params.items() if not k.startswith('head/')}
+  return dataclasses.replace(model_cfg, img_size=init.cfg.img_size), params
 
 
 def check_config(config, mesh) -> vit.ViTConfig:
@@ -160,12 +196,24 @@ class Setup:
   eval_step: Callable  # (params, rest, global batch) -> {'correct', 'count'}
 
 
-def build(config, model_cfg: vit.ViTConfig, mesh, total_steps: int, warmup_steps: int) -> Setup:
-  """Model structure, optimizer and the jitted steps. Only the graphdef lives in Python."""
+def build(config, model_cfg: vit.ViTConfig, mesh, total_steps: int, warmup_steps: int,
+          pretrained: dict | None = None) -> Setup:
+  """Model structure, optimizer and the jitted steps. Only the graphdef lives in Python.
+
+  `pretrained` (flat '/'-paths -> arrays, from `load_init`) replaces those initial parameters.
+  """
   def new_model():
     model = vit.ViT(model_cfg, rngs=nnx.Rngs(config.seed))
     model.set_attributes(collect_stats=True, raise_if_not_found=False)
     return model
+
+  def initial_params(pretrained):
+    params = nnx.state(new_model(), nnx.Param)
+    if pretrained:
+      flat = loading.flatten(nnx.to_pure_dict(params))
+      flat.update({k: jnp.asarray(v, flat[k].dtype) for k, v in pretrained.items()})
+      nnx.replace_by_pure_dict(params, loading.unflatten(flat))
+    return params
 
   graphdef, abstract_params, _ = nnx.split(nnx.eval_shape(new_model), nnx.Param, ...)
   rest = jax.jit(lambda: nnx.split(new_model(), nnx.Param, ...)[2], out_shardings=sharding.replicated(mesh))()
@@ -174,8 +222,8 @@ def build(config, model_cfg: vit.ViTConfig, mesh, total_steps: int, warmup_steps
   tx = optim.adamw(schedule, config.optim, abstract_params)
   abstract_state = common.abstract_train_state(abstract_params, tx)
   shardings = sharding.tree_shardings(abstract_state, mesh)
-  init_state = lambda: common.init_train_state(lambda: nnx.state(new_model(), nnx.Param), tx,
-                                               abstract_state, shardings)
+  # The pretrained arrays are an argument, not constants baked into the initialiser.
+  init_state = lambda: common.init_train_state(initial_params, tx, abstract_state, shardings, pretrained)
   # The state is donated, so parameters and optimizer state are updated in place.
   batch_sh = sharding.batch_sharding(mesh)
   train_step = jax.jit(make_train_step(graphdef, config, tx, schedule, model_cfg.num_classes),
@@ -183,6 +231,33 @@ def build(config, model_cfg: vit.ViTConfig, mesh, total_steps: int, warmup_steps
                        donate_argnums=0)
   eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(shardings['params'], None, batch_sh))
   return Setup(graphdef, rest, abstract_state, shardings, init_state, train_step, eval_step)
+
+
+# -- evaluation only ---------------------------------------------------------------------------------
+def evaluate_checkpoint(config, workdir, mesh, eval_source) -> dict:
+  """config.eval_only: top-1 of the workdir's newest checkpoint, else of config.init. Trains nothing."""
+  step_dir = checkpoint.find_training_step(workdir)
+  source = step_dir or config.init
+  if not source:
+    raise ValueError(f'eval_only=True but {workdir} holds no checkpoints and config.init is empty; '
+                     'expected one of them to evaluate')
+  try:
+    model = loading.load(source, dtype=config.model.dtype, gaug_impl=config.model.gaug_impl)
+  except (FileNotFoundError, ValueError) as e:
+    raise ValueError(f'{"config.init=" if step_dir is None else ""}{source} cannot be loaded: {e}') from e
+  if model.cfg.num_classes != config.data.num_classes:
+    raise ValueError(f'{source} has {model.cfg.num_classes} classes but data.num_classes={config.data.num_classes}')
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  param_sh = sharding.tree_shardings(params, mesh)
+  eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(param_sh, None, sharding.batch_sharding(mesh)))
+  top1 = evaluate(eval_step, jax.device_put(params, param_sh), jax.device_put(rest, sharding.replicated(mesh)),
+                  config, mesh, eval_source)
+  step = int(step_dir.name) if step_dir else 0
+  result = {'eval_top1': top1, 'eval_examples': len(eval_source), 'checkpoint': str(source), 'step': step}
+  if jax.process_index() == 0:
+    paths.write_text(workdir / common.eval_result_name(step), json.dumps(result))
+  logging.info('Top-1 of %s on %s: %.4f.', source, eval_source, top1)
+  return result
 
 
 # -- the run -----------------------------------------------------------------------------------------
@@ -194,15 +269,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   mesh = sharding.make_mesh(config.mesh, devices)
   model_cfg = check_config(config, mesh)
   workdir = paths.path(workdir)
+  eval_source = sources.classification_source(config.data, sources.eval_split(config.data))
+  if config.eval_only:
+    return evaluate_checkpoint(config, workdir, mesh, eval_source)
+  pretrained = None
+  if config.init:
+    model_cfg, pretrained = load_init(config, model_cfg)
 
   # Data, both splits opened now so that a missing one fails before the first step. The train
   # iterator is part of the checkpoint, so a resumed run continues the same stream.
   train_source = sources.classification_source(config.data, config.data.train_split)
-  eval_source = sources.classification_source(config.data, sources.eval_split(config.data))
+  class_names = getattr(train_source, 'classes', None)  # image folders name their classes; TFDS sources do not
   total_steps, warmup_steps = total_and_warmup_steps(config, len(train_source))
   train_iter = iter(train_loader(config, train_source))
 
-  setup = build(config, model_cfg, mesh, total_steps, warmup_steps)
+  setup = build(config, model_cfg, mesh, total_steps, warmup_steps, pretrained)
 
   # State: resume from the workdir (any mesh) or initialise in place.
   ckpt = checkpoint.TrainCheckpointer(workdir, save_every=config.checkpoint_every,
@@ -228,7 +309,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     # The best top-1 lives in the checkpoints' progress record, so it survives resumes.
     if config.export_best and top1 > progress.get('best_eval_top1', -1.0):
       progress['best_eval_top1'] = top1
-      checkpoint.save_params(workdir / 'export_best', loading.params_dict(state['params']), model_cfg)
+      checkpoint.save_params(workdir / 'export_best', loading.params_dict(state['params']), model_cfg, class_names)
     return {'eval_top1': top1}
 
   state, scalars = common.train_loop(
@@ -241,6 +322,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     scalars = common.last_logged(workdir, total_steps)
 
   if start_step < total_steps or not checkpoint.is_params_export(workdir / 'export'):
-    checkpoint.save_params(workdir / 'export', loading.params_dict(state['params']), model_cfg)
+    checkpoint.save_params(workdir / 'export', loading.params_dict(state['params']), model_cfg, class_names)
   logging.info('Done: top-1 %s; params exported to %s.', scalars.get('eval_top1'), workdir / 'export')
   return {'eval_top1': None, **scalars}

@@ -8,8 +8,11 @@ of the loop (nnx.split -> jax.jit -> nnx.merge).
 from __future__ import annotations
 
 import math
+import pathlib
+import shutil
 import signal
 import sys
+import tempfile
 import time
 
 import jax
@@ -19,7 +22,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from locatvit_jax import checkpoint, metrics
+from locatvit_jax import checkpoint, metrics, paths, run_info
 
 
 class NonFiniteLossError(RuntimeError):
@@ -34,6 +37,9 @@ def check_loop_config(config) -> None:
               if not isinstance(config[name], int) or config[name] < 1]
   if not isinstance(config.eval_every, int) or config.eval_every < 0:
     problems.append(f'eval_every={config.eval_every}; expected an integer >= 0 (0: at the end only)')
+  profile = tuple(config.get('profile_steps') or ())
+  if profile and not (len(profile) == 2 and all(isinstance(s, int) for s in profile) and 1 <= profile[0] < profile[1]):
+    problems.append(f'profile_steps={profile}; expected () or (start, stop) with 1 <= start < stop')
   if problems:
     raise ValueError('; '.join(problems))
 
@@ -47,12 +53,15 @@ def abstract_train_state(params_abstract, tx: optax.GradientTransformation) -> d
   }
 
 
-def init_train_state(init_params_fn, tx, abstract_state, shardings) -> dict:
-  """Creates params and optimizer state directly in their shardings (no host copy of the model)."""
-  def init():
-    params = init_params_fn()
+def init_train_state(init_params_fn, tx, abstract_state, shardings, *args) -> dict:
+  """Creates params and optimizer state directly in their shardings (no host copy of the model).
+
+  `init_params_fn(*args)` gives the initial params.
+  """
+  def init(*args):
+    params = init_params_fn(*args)
     return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
-  return jax.jit(init, out_shardings=shardings)()
+  return jax.jit(init, out_shardings=shardings)(*args)
 
 
 def with_shardings(abstract_state, shardings):
@@ -141,6 +150,11 @@ def gaug_scalars(intermediates: nnx.State) -> dict:
   return out
 
 
+def eval_result_name(step: int) -> str:
+  """The file in the workdir that holds an evaluation's full result (JSON)."""
+  return f'eval_step{step}.json'
+
+
 def last_logged(workdir, step: int) -> dict:
   """The scalars logged at `step` (the final metrics of a finished run), {} if none were."""
   rows = [r for r in metrics.read_metrics(workdir) if r['step'] == step]
@@ -149,6 +163,40 @@ def last_logged(workdir, step: int) -> dict:
 
 def host_int(x) -> int:
   return int(np.asarray(jax.device_get(x)))
+
+
+class Profiler:
+  """A jax.profiler trace of steps [start, stop) into WORKDIR/plugins/profile/<run>/ (TensorBoard's
+  Profile tab: `tensorboard --logdir WORKDIR`). Traced into a local folder, then copied, so a gs://
+  workdir works too."""
+
+  def __init__(self, steps, workdir):
+    self.steps = tuple(steps)
+    self._workdir = paths.path(workdir)
+    self._local = None
+
+  def before(self, step: int) -> None:
+    if self.steps and step == self.steps[0]:
+      self._local = tempfile.mkdtemp(prefix='locatvit_profile_')
+      jax.profiler.start_trace(self._local)
+
+  def after(self, step: int, state) -> None:
+    if self._local is not None and step == self.steps[1] - 1:
+      jax.block_until_ready(state)  # the traced steps' device work, not just their dispatch
+      self.close()
+
+  def close(self) -> None:
+    """Ends a trace still running (the loop ended before `stop`) and copies it into the workdir."""
+    if self._local is None:
+      return
+    jax.profiler.stop_trace()
+    local = pathlib.Path(self._local)
+    for f in local.rglob('*'):
+      if f.is_file():
+        paths.write_bytes(self._workdir / f.relative_to(local).as_posix(), f.read_bytes())
+    shutil.rmtree(local)
+    self._local = None
+    logging.info('Profile from step %d written to %s/plugins/profile.', self.steps[0], self._workdir)
 
 
 # -- the loop ------------------------------------------------------------------------------------
@@ -163,14 +211,18 @@ def train_loop(*, state, start_step: int, total_steps: int, step_fn, evaluate_fn
   checkpoint_every and batch_size.
   Returns (state, the scalars of the last logged step).
   """
+  run_info.write(config, workdir)
   writer = metrics.MetricWriter(workdir)
+  profiler = Profiler(config.get('profile_steps') or (), workdir)
   progress_line = metrics.ProgressLine(total_steps)
   throughput = Throughput(config.batch_size)
   guard = PreemptionGuard(ckpt)
   scalars = {}
   try:
     for step in range(start_step + 1, total_steps + 1):
+      profiler.before(step)
       state, device_scalars, host_scalars = step_fn(state)
+      profiler.after(step, state)
       last = step == total_steps
       eval_due = last or (config.eval_every and step % config.eval_every == 0)
       save_due = last or step % config.checkpoint_every == 0
@@ -189,6 +241,7 @@ def train_loop(*, state, start_step: int, total_steps: int, step_fn, evaluate_fn
         logging.warning('Stopped at step %d after SIGTERM; rerun the same command to resume.', step)
         sys.exit(143)
   finally:
+    profiler.close()
     ckpt.wait()
     guard.close()
     writer.close()

@@ -205,7 +205,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   ckpt.close()
   if start_step >= total:
     logging.info('%s holds a finished run (step %d of %d): nothing to train.', workdir, start_step, total)
-    result_file = workdir / result_name(total)
+    result_file = workdir / common.eval_result_name(total)
     if result_file.exists():
       return json.loads(paths.read_text(result_file))
     last_eval.update(run_eval(state, total))  # the run stopped between its last checkpoint and this file
@@ -223,13 +223,9 @@ def params_sha256(params) -> str:
   return digest.hexdigest()
 
 
-def result_name(step: int) -> str:
-  return f'eval_step{step}.json'
-
-
 def _log_result(result: dict, step: int, workdir) -> None:
   if jax.process_index() == 0 and result:
-    paths.write_text(paths.path(workdir) / result_name(step),
+    paths.write_text(paths.path(workdir) / common.eval_result_name(step),
                      json.dumps({k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in result.items()}))
   logging.info('Step %d: mIoU %.4f, pixel accuracy %.4f.', step, result.get('miou', float('nan')),
                result.get('pixel_acc', float('nan')))
