@@ -47,10 +47,7 @@ def load_init(config, model_cfg: vit.ViTConfig) -> tuple[vit.ViTConfig, dict]:
   go through the model's own resampling, as at inference. The head is dropped when the checkpoint
   has another number of classes: the run's head starts fresh.
   """
-  try:
-    init = loading.load(config.init)
-  except (FileNotFoundError, ValueError) as e:
-    raise ValueError(f'config.init={config.init} cannot be loaded: {e}') from e
+  init = common.load_model(config.init)
   mismatched = [f'{f}={getattr(init.cfg, f)!r} (config: {getattr(model_cfg, f)!r})'
                 for f in ARCHITECTURE_FIELDS if getattr(init.cfg, f) != getattr(model_cfg, f)]
   if mismatched:
@@ -241,10 +238,8 @@ def evaluate_checkpoint(config, workdir, mesh, eval_source) -> dict:
   if not source:
     raise ValueError(f'eval_only=True but {workdir} holds no checkpoints and config.init is empty; '
                      'expected one of them to evaluate')
-  try:
-    model = loading.load(source, dtype=config.model.dtype, gaug_impl=config.model.gaug_impl)
-  except (FileNotFoundError, ValueError) as e:
-    raise ValueError(f'{"config.init=" if step_dir is None else ""}{source} cannot be loaded: {e}') from e
+  model = common.load_model(source, 'config.init=' if step_dir is None else '', dtype=config.model.dtype,
+                            gaug_impl=config.model.gaug_impl)
   if model.cfg.num_classes != config.data.num_classes:
     raise ValueError(f'{source} has {model.cfg.num_classes} classes but data.num_classes={config.data.num_classes}')
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)

@@ -22,7 +22,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from locatvit_jax import checkpoint, metrics, paths, run_info
+from locatvit_jax import checkpoint, loading, metrics, paths, run_info
 
 
 class NonFiniteLossError(RuntimeError):
@@ -42,6 +42,15 @@ def check_loop_config(config) -> None:
     problems.append(f'profile_steps={profile}; expected () or (start, stop) with 1 <= start < stop')
   if problems:
     raise ValueError('; '.join(problems))
+
+
+def load_model(path, setting: str = 'config.init=', **overrides):
+  """`locatvit_jax.load(path, **overrides)`; a checkpoint that cannot be read is one ValueError that
+  names the setting which pointed at it (`setting` prefixes the path)."""
+  try:
+    return loading.load(path, **overrides)
+  except (FileNotFoundError, ValueError) as e:
+    raise ValueError(f'{setting}{path} cannot be loaded: {e}') from e
 
 
 # -- state ---------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from flax import nnx
 
-from locatvit_jax import checkpoint, loading, paths, sharding, viz
+from locatvit_jax import checkpoint, paths, sharding, viz
 from locatvit_jax.data import seg_pipeline, seg_sources
 from locatvit_jax.evaluators import segmentation as seg_eval
 from locatvit_jax.models import seg_head, vit
@@ -140,10 +140,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
                      'train first, or point --workdir at a segmentation run')
 
   # Frozen backbone, in evaluation mode (no drop path), replicated on every device.
-  try:
-    backbone = loading.load(config.init)
-  except (FileNotFoundError, ValueError) as e:
-    raise ValueError(f'config.init={config.init} cannot be loaded: {e}') from e
+  backbone = common.load_model(config.init)
   bb_cfg = backbone.cfg
   check_backbone(config, bb_cfg)
   bb_graphdef, bb_params, bb_rest = nnx.split(backbone, nnx.Param, ...)
