@@ -16,7 +16,8 @@ Two on-disk layouts:
 
     WORKDIR/checkpoints/<step>/state         {'params', 'opt_state', 'step', ...}, sharded arrays
     WORKDIR/checkpoints/<step>/data_iter     the Grain iterator position of this process
-    WORKDIR/checkpoints/<step>/model_config  ViTConfig fields (JSON)
+    WORKDIR/checkpoints/<step>/model_config  the model record (JSON): ViTConfig fields, or the trainer's own
+                                             (segmentation: train/segmentation.head_config)
     WORKDIR/checkpoints/<step>/progress      the loop's own state, e.g. the best eval top-1 (JSON)
 """
 
@@ -64,24 +65,81 @@ def save_params(path, params: dict, model_cfg, class_names: Sequence[str] | None
       paths.write_text(p / CLASS_NAMES_FILE, ''.join(f'{name}\n' for name in class_names))
 
 
-def restore_params(path) -> tuple[dict, dict]:
-  """(params as numpy nested dict, model config dict) from a params export or training checkpoints."""
+def holds_model(path) -> bool:
+  """Whether `path` is, or is meant to be, one of our checkpoints: a params export (complete or not)
+  or a workdir, checkpoints/ or step folder with training checkpoints."""
   p = paths.path(path)
-  if is_params_export(p):
-    meta = ocp.StandardCheckpointer().metadata(p / PARAMS_DIR).item_metadata
-    params = ocp.StandardCheckpointer().restore(p / PARAMS_DIR, _numpy_targets(meta))
-    return params, json.loads(paths.read_text(p / CONFIG_FILE))
+  return _export_like(p) or find_training_step(p) is not None
+
+
+def read_model_record(path) -> tuple[dict, epath.Path]:
+  """(the model record, the file it is in) of the params export at `path`, else of the newest training
+  step under it. The record is ViTConfig fields, or what a trainer records about its model instead
+  (segmentation: the head and its backbone)."""
+  p = paths.path(path)
+  if _export_like(p):
+    for part in (PARAMS_DIR, CONFIG_FILE):
+      if not (p / part).exists():
+        raise ValueError(f'{p}: an incomplete params export, {part} is missing; '
+                         f'expected {PARAMS_DIR}/ and {CONFIG_FILE}')
+    file = p / CONFIG_FILE
+  else:
+    file = _training_step(p) / 'model_config' / 'metadata'
+    if not file.exists():
+      raise ValueError(f'{file}: no such file; this training checkpoint is incomplete')
+  return read_json(file), file
+
+
+def read_json(file) -> dict:
+  """A JSON object from `file`; anything else is a ValueError naming the file."""
+  try:
+    record = json.loads(paths.read_text(file))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f'{file}: not valid JSON ({e})') from e
+  if not isinstance(record, dict):
+    raise ValueError(f'{file}: holds a JSON {type(record).__name__}; expected an object')
+  return record
+
+
+def restore_params(path) -> dict:
+  """Params (host numpy nested dict) of the params export at `path`, else of the newest training step
+  under it. An array folder that Orbax cannot read is a ValueError naming it."""
+  p = paths.path(path)
+  export = is_params_export(p)
+  folder = p / PARAMS_DIR if export else _training_step(p) / 'state'
+  ckptr = ocp.StandardCheckpointer() if export else ocp.PyTreeCheckpointer()
+  try:
+    meta = ckptr.metadata(folder).item_metadata
+    if meta is None:  # Orbax's answer (and a logged warning) for a missing or garbled _METADATA or manifest
+      raise FileNotFoundError('no metadata that Orbax can read')
+    if export:
+      return ckptr.restore(folder, _numpy_targets(meta))
+    targets = _numpy_targets(meta['params'])
+    state = ckptr.restore(folder, args=ocp.args.PyTreeRestore(
+        item={'params': targets},
+        restore_args={'params': jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), targets)},
+        partial_restore=True))
+  except (OSError, ValueError) as e:  # what Orbax and tensorstore raise for missing, cut or garbled files
+    raise ValueError(f'{folder}: a damaged or incomplete Orbax checkpoint ({first_line(e)})') from e
+  return _unwrap_variables(state['params'])
+
+
+def first_line(e: Exception) -> str:
+  """The first line of an error's message, which libraries (torch, Orbax) run over many."""
+  lines = str(e).strip().splitlines()
+  return lines[0] if lines else type(e).__name__
+
+
+def _export_like(p) -> bool:
+  """A params export, or what is left of one (either part alone)."""
+  return (p / PARAMS_DIR).is_dir() or (p / CONFIG_FILE).exists()
+
+
+def _training_step(p) -> epath.Path:
   step_dir = find_training_step(p)
   if step_dir is None:
-    raise ValueError(f'{path}: neither a params export ({PARAMS_DIR}/ + {CONFIG_FILE}) nor training checkpoints')
-  ckptr = ocp.PyTreeCheckpointer()
-  meta = ckptr.metadata(step_dir / 'state').item_metadata
-  state = ckptr.restore(step_dir / 'state', args=ocp.args.PyTreeRestore(
-      item={'params': _numpy_targets(meta['params'])},
-      restore_args={'params': jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), _numpy_targets(meta['params']))},
-      partial_restore=True))
-  cfg = json.loads(paths.read_text(step_dir / 'model_config' / 'metadata'))
-  return _unwrap_variables(state['params']), cfg
+    raise ValueError(f'{p}: neither a params export ({PARAMS_DIR}/ + {CONFIG_FILE}) nor training checkpoints')
+  return step_dir
 
 
 def _unwrap_variables(tree):

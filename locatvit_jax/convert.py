@@ -4,6 +4,9 @@
     python -m locatvit_jax.convert SRC DST --to-timm  # any load()-able SRC -> timm .safetensors
     python -m locatvit_jax.convert SRC DIR --to-hf    # any load()-able SRC -> DIR/config.json + model.safetensors
 
+A SRC that cannot be loaded (missing, damaged, not a model) or a DST of the wrong kind is one
+`error: ...` line and exit status 2, and nothing is written: SRC is read whole before DST is touched.
+
 Each rule pairs a timm key template with our '/'-joined param path and a transform. `{i}` stands for a
 block index. Transforms are exact (transposes), so timm -> ours -> timm is bit-identical.
 
@@ -112,10 +115,10 @@ def ours_to_timm(flat: dict[str, np.ndarray], gap: bool = False) -> dict[str, np
 TIMM_POOLS = {'token': 'token', 'gap': 'avg'}
 _OUR_POOLS = {timm: ours for ours, timm in TIMM_POOLS.items()}
 # Keys of model_args (the kwargs of timm's VisionTransformer and the authors' LocAtViT) that are ViTConfig
-# fields under another name. mlp_ratio, class_token, global_pool, no_pos_emb and pos_embed need more.
+# fields under another name. mlp_ratio, global_pool, no_pos_emb and pos_embed need more.
 _RENAMED_ARGS = {'img_size': 'img_size', 'patch_size': 'patch_size', 'embed_dim': 'width', 'depth': 'depth',
-                 'num_heads': 'num_heads', 'reg_tokens': 'reg_tokens', 'gaug': 'gaug', 'prr': 'prr',
-                 'num_classes': 'num_classes'}
+                 'num_heads': 'num_heads', 'class_token': 'class_token', 'reg_tokens': 'reg_tokens', 'gaug': 'gaug',
+                 'prr': 'prr', 'num_classes': 'num_classes'}
 _SIZE_FIELDS = ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size')
 _NAMED_FIELDS = _SIZE_FIELDS + ('gaug', 'prr')  # what a model name fixes
 
@@ -139,7 +142,7 @@ def architecture(cfg: vit.ViTConfig) -> str:
 def _model_args(cfg: vit.ViTConfig) -> dict:
   """Every architecture field as the constructor's kwargs, so that none depends on the name's defaults."""
   args = dict(img_size=list(cfg.img_size), patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.depth,
-              num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_dim / cfg.width, class_token=cfg.pool == 'token',
+              num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_dim / cfg.width, class_token=cfg.class_token,
               global_pool=TIMM_POOLS[cfg.pool], reg_tokens=cfg.reg_tokens)
   if _is_locat(cfg):  # LocAtViT sets timm's pos_embed itself, from its own no_pos_emb
     return dict(args, gaug=cfg.gaug, prr=cfg.prr, no_pos_emb=cfg.pos_embed == 'none')
@@ -184,9 +187,6 @@ def config_json_fields(fields: dict, hf: dict) -> dict:
     fields['mlp_dim'] = round(args['mlp_ratio'] * fields['width'])
   if 'global_pool' in args:
     fields['pool'] = _OUR_POOLS.get(args['global_pool'], args['global_pool'])  # ViTConfig rejects the others
-  if 'class_token' in args and args['class_token'] != (fields['pool'] == 'token'):
-    raise ValueError(f'config.json: class_token={args["class_token"]} with global_pool={args.get("global_pool")!r}; '
-                     "this ViT has a class token exactly when it pools it ('token')")
   if 'no_pos_emb' in args:
     fields['pos_embed'] = 'none' if args['no_pos_emb'] else 'learn'
   if 'pos_embed' in args:
@@ -259,7 +259,7 @@ def main(argv=None) -> int:
     WRITERS[args.kind](args.src, args.dst)
   except (ValueError, FileNotFoundError, ImportError) as e:
     print(f'error: {e}', file=sys.stderr)
-    return 1
+    return 2  # bad input, as for locatvit_jax.main, predict and argparse's usage errors
   print(f'wrote {args.dst}')
   return 0
 

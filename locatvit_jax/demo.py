@@ -76,8 +76,21 @@ def draw_pictures(config, dataset: str, workdir: str) -> list[str]:
   return [str(p) for p in pictures]
 
 
+def check_config(config) -> None:
+  """The demo's own settings, checked before the dataset is built or anything is written."""
+  if config.mode not in ('single', 'compare'):
+    raise ValueError(f"config.mode={config.mode!r}; expected 'single' or 'compare'")
+  setting, variants = (('config.compare.variants', config.compare.variants) if config.mode == 'compare'
+                       else ('config.variant', (config.variant,)))
+  unknown = [v for v in variants if v not in VARIANT_NAMES]
+  if unknown:
+    raise ValueError(f'{setting}: unknown demo variant {", ".join(map(repr, unknown))}; '
+                     f'expected one of {sorted(VARIANT_NAMES)}')
+
+
 def run(config, workdir: str) -> dict:
-  """Dispatches on config.mode: 'single' (one LocAtViT run) or 'compare' (variants x seeds)."""
+  """Dispatches on config.mode: 'single' (one run of config.variant) or 'compare' (variants x seeds)."""
+  check_config(config)
   dataset = prepare_data(config)
   if config.mode == 'compare':
     return compare(config, dataset, workdir)

@@ -14,7 +14,6 @@ convert.hf_config for the keys, in timm's hub format, and the authors' or timm's
 from __future__ import annotations
 
 import io
-import json
 import math
 import re
 from typing import Any
@@ -27,6 +26,8 @@ from locatvit_jax import checkpoint, paths
 from locatvit_jax.models.vit import SIZES, ViT, ViTConfig
 
 _TORCH_SUFFIXES = ('.pth', '.pt', '.bin')
+# The keys of the record that segmentation runs keep in place of a ViT config (segmentation.head_config).
+_SEGMENTATION_RECORD = {'init', 'backbone', 'num_classes', 'hidden'}
 
 
 # -- params as plain dicts ---------------------------------------------------------------------
@@ -99,7 +100,8 @@ def _fill(pure, given, prefix):
 
 def _describe(cfg: ViTConfig) -> str:
   return (f'width={cfg.width} depth={cfg.depth} heads={cfg.num_heads} patch={cfg.patch_size} '
-          f'classes={cfg.num_classes} gaug={cfg.gaug} pool={cfg.pool} reg_tokens={cfg.reg_tokens}')
+          f'classes={cfg.num_classes} gaug={cfg.gaug} pool={cfg.pool} class_token={cfg.class_token} '
+          f'reg_tokens={cfg.reg_tokens}')
 
 
 # -- reading the authors' files ------------------------------------------------------------------
@@ -107,8 +109,12 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
   """A timm state dict from .safetensors (no torch needed) or .pth/.pt/.bin (needs torch), local or gs://."""
   path = paths.path(path)
   if path.suffix == '.safetensors':
+    from safetensors import SafetensorError
     from safetensors.numpy import load
-    return load(paths.read_bytes(path))
+    try:
+      return load(paths.read_bytes(path))
+    except SafetensorError as e:
+      raise ValueError(f'{path}: not a readable .safetensors file ({e})') from e
   if path.suffix in _TORCH_SUFFIXES:
     try:
       import torch
@@ -117,11 +123,18 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
           f'reading {path} needs PyTorch, which is not installed: `pip install torch`, or convert it '
           'to .safetensors where torch is available (safetensors.torch.save_file(sd, "model.safetensors"))'
       ) from e
-    sd = torch.load(io.BytesIO(paths.read_bytes(path)), map_location='cpu', weights_only=True)
+    try:
+      sd = torch.load(io.BytesIO(paths.read_bytes(path)), map_location='cpu', weights_only=True)
+    # Its error types vary with the cause (zip, pickle, unsafe globals) and the torch version.
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f'{path}: not a PyTorch checkpoint that torch.load reads ({checkpoint.first_line(e)})') from e
     for key in ('model', 'state_dict', 'model_ema'):  # training checkpoints wrap the state dict
       if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
         sd = sd[key]
         break
+    if not (isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values())):
+      raise ValueError(f'{path}: holds a {type(sd).__name__} that is not a state dict; expected tensors by name, '
+                       "at the top or under 'model', 'state_dict' or 'model_ema'")
     return {k.removeprefix('module.'): v.float().numpy() if v.is_floating_point() else v.numpy()
             for k, v in sd.items()}
   raise ValueError(f'{path}: unknown checkpoint file type; expected .safetensors, .pth, .pt or .bin')
@@ -158,12 +171,13 @@ def _tensor_fields(state: dict[str, np.ndarray]) -> dict[str, Any]:
   return dict(width=width, depth=depth, num_heads=heads, mlp_dim=state['blocks.0.mlp.fc1.weight'].shape[0],
               patch_size=patch, num_classes=state['head.weight'].shape[0] if 'head.weight' in state else 0,
               gaug=gaug, prr=gaug, pool='gap' if 'fc_norm.weight' in state else 'token',
+              class_token='cls_token' in state,  # timm's GAP models may keep one: it attends, unpooled
               pos_embed='learn' if 'pos_embed' in state else 'none',
               reg_tokens=state['reg_token'].shape[1] if 'reg_token' in state else 0, drop_path=0.0)
 
 
 def _square_image_size(pos_embed: np.ndarray, fields: dict) -> int:
-  n = pos_embed.shape[1] - (fields['pool'] == 'token') - fields['reg_tokens']
+  n = pos_embed.shape[1] - int(fields['class_token']) - fields['reg_tokens']
   side = math.isqrt(n)
   if side * side != n:
     raise ValueError(f'pos_embed has {n} patch positions, not a square grid; give the image size it was '
@@ -193,14 +207,21 @@ def load_with_config(path, **overrides) -> ViT:
     raise FileNotFoundError(f'{path}: no such file or directory')
   if not path.is_dir():
     return _timm_model(read_state_dict(path), None, overrides)
-  if checkpoint.is_params_export(path) or checkpoint.find_training_step(path):
-    params, cfg_dict = checkpoint.restore_params(path)
-    cfg_dict.update(overrides)
-    return build_model(ViTConfig.from_dict(cfg_dict), params)
+  if checkpoint.holds_model(path):
+    record, record_file = checkpoint.read_model_record(path)
+    if _SEGMENTATION_RECORD <= record.keys():
+      raise ValueError(f'{path} is a segmentation run (a head on a frozen backbone), not a classification '
+                       f'model; its backbone is config.init={record["init"]}, and '
+                       'locatvit_jax.train.segmentation.load_export(WORKDIR/export) loads backbone and head')
+    try:  # the record alone first: an error in `overrides` is not the file's
+      ViTConfig.from_dict(record)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f'{record_file}: {e}') from e
+    return build_model(ViTConfig.from_dict({**record, **overrides}), checkpoint.restore_params(path))
   hf_path = path / 'config.json'
   for weights in ('model.safetensors', 'pytorch_model.bin'):
     if (path / weights).exists():
-      hf = json.loads(paths.read_text(hf_path)) if hf_path.exists() else {}
+      hf = checkpoint.read_json(hf_path) if hf_path.exists() else {}
       return _timm_model(read_state_dict(path / weights), hf, overrides)
   raise ValueError(f'{path}: found neither params/ + model_config.json, training checkpoints, '
                    'nor config.json + model.safetensors')
@@ -210,6 +231,8 @@ def load(path, **overrides) -> ViT:
   """A model in evaluation mode from any supported checkpoint (module docstring).
 
   `overrides` set ViTConfig fields the files cannot tell (e.g. `prr=False`, `dtype='bfloat16'`).
+  A path that is no such model (damaged, incomplete, a segmentation run) is one ValueError naming the
+  file and what is wrong; a missing path is FileNotFoundError, a torch file without torch ImportError.
   """
   model = load_with_config(path, **overrides)
   model.eval()

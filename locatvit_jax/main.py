@@ -67,6 +67,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
   initialize_distributed()
   import jax
+  from locatvit_jax.train.common import NonFiniteLossError
   try:
     result = run(_CONFIG.value, _WORKDIR.value)
   except (ValueError, FileNotFoundError) as e:
@@ -75,6 +76,11 @@ def main(argv):
     logging.debug('%s', traceback.format_exc())
     print(f'error: {e}', file=sys.stderr, flush=True)
     sys.exit(2)
+  except NonFiniteLossError as e:  # the run diverged: its message says what was kept and what to try
+    if jax.process_count() > 1:
+      _exit_now(jax)
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.exit(1)
   except Exception:  # pylint: disable=broad-except
     if jax.process_count() == 1:
       raise

@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from PIL import Image
-from safetensors import SafetensorError
 
 from locatvit_jax import checkpoint, loading, paths, viz
 from locatvit_jax.configs import common
@@ -157,10 +156,7 @@ def read_image(path) -> Image.Image:
 
 
 def load_classifier(init):
-  try:
-    model = loading.load(init)
-  except SafetensorError as e:  # loading passes on the library's own error type
-    raise ValueError(f'{init}: not a readable .safetensors file ({e})') from e
+  model = loading.load(init)
   if not model.cfg.num_classes:
     raise ValueError(f'{init} holds a model without a classification head (num_classes=0)')
   return model

@@ -4,9 +4,8 @@ Pillow and NumPy only. Small images are enlarged with nearest-neighbour so that 
 stay visible; text uses PIL's default font. Images may be uint8 or float (e.g. normalised model
 inputs); floats are min-max scaled for display.
 
-The GAug and attention pictures rerun the model's blocks in evaluation mode and recompute, at the
-blocks asked for, the queries and keys from `attn.qkv(norm1(x))` exactly as `vit.Attention` does,
-then the GAug bias with `locat.patch_bias` and the softmax rows.
+The GAug and attention pictures rerun the model's blocks in evaluation mode, the blocks asked for
+with their attention sowing the GAug terms and probabilities it computes (vit.Attention).
 """
 
 from __future__ import annotations
@@ -16,21 +15,22 @@ import io
 import math
 from typing import Mapping, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from PIL import Image, ImageDraw, ImageFont
 
 from locatvit_jax import paths
-from locatvit_jax.models import locat
+from locatvit_jax.data.seg_sources import IGNORE_INDEX
+from locatvit_jax.models import vit
 
-IGNORE_INDEX = 255
 CELL = 160  # smallest side of a picture in a grid, in pixels
 PAD = 6
 BACKGROUND = (255, 255, 255)
 TEXT = (0, 0, 0)
 QUERY_OUTLINE = (0, 255, 255)
+# What vit.Attention sows with sow_attention that attention_internals returns (not the trainer's means).
+INTERNALS = ('var', 'alpha', 'bias', 'probs')
 # Anchors of the heat colour map, from 0 (cold) to 1 (hot): black, purple, red, orange, yellow.
 HEAT_ANCHORS = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], np.float32)
 
@@ -190,14 +190,6 @@ def save_segmentation_panels(path: str, images: Sequence, labels: Sequence, pred
 
 
 # -- GAug kernels and attention ------------------------------------------------------------------
-def _check_layers(layers: Sequence[int], depth: int) -> list[int]:
-  bad = [l for l in layers if not -depth <= l < depth]
-  if bad or not layers:
-    raise ValueError(f'layers {list(layers)}; expected block indices in -{depth}..{depth - 1} '
-                     f'(the model has {depth} blocks)')
-  return [l % depth for l in layers]
-
-
 def _check_queries(query_patches: Sequence[tuple[int, int]], grid: tuple[int, int]) -> list[tuple[int, int]]:
   queries = [tuple(int(v) for v in q) for q in query_patches]
   bad = [q for q in queries if len(q) != 2 or not (0 <= q[0] < grid[0] and 0 <= q[1] < grid[1])]
@@ -213,29 +205,16 @@ def attention_internals(model, image, layers: Sequence[int]) -> tuple[tuple[int,
 
   `image` is one model input (H, W, 3). Returns the patch grid and {block index: arrays}.
   """
+  wanted = set(vit.check_layers(layers, model.cfg.depth))
   model = nnx.view(model, deterministic=True)  # no drop path; the caller's model is untouched
-  cfg = model.cfg
-  wanted = set(_check_layers(layers, cfg.depth))
   x, grid = model.embed(jnp.asarray(image, jnp.float32)[None])
-  p = cfg.num_prefix
   out = {}
-  for i, blk in enumerate(model.blocks):
+  for i in range(max(wanted) + 1):
+    blk = nnx.view(model.blocks[i], sow_attention=i in wanted)
+    x = blk(x, grid, model.cfg.num_prefix)
     if i in wanted:
-      attn = blk.attn
-      b, n, c = x.shape
-      h, d = attn.num_heads, c // attn.num_heads
-      q, k, _ = attn.qkv(blk.norm1(x)).reshape(b, n, 3, h, d).transpose(2, 0, 3, 1, 4)
-      logits = jnp.einsum('bhqd,bhkd->bhqk', q * d ** -0.5, k).astype(jnp.float32)
-      found = {}
-      if attn.gaug is not None:
-        var, alpha = attn.gaug(q[:, :, p:], grid)
-        found.update(var=var[0], alpha=alpha[0], bias=locat.patch_bias(var, alpha, grid, attn.geometry)[0])
-        logits = logits + locat.dense_bias(var, alpha, grid, attn.geometry, p)
-      found['probs'] = jax.nn.softmax(logits, axis=-1)[0]
-      out[i] = jax.tree.map(np.asarray, found)
-    if i >= max(wanted):
-      break
-    x = blk(x, grid, p)
+      sown = nnx.to_pure_dict(nnx.pop(blk, nnx.Intermediate))['attn']
+      out[i] = {name: np.asarray(sown[name][0][0]) for name in INTERNALS if name in sown}
   return grid, out
 
 
@@ -272,7 +251,7 @@ def _query_maps(path, model, image, layers, query_patches, per_head, kind):
   p, nh = model.cfg.num_prefix, model.cfg.num_heads
   heads = list(range(nh)) if per_head else [None]
   cells, captions = [], []
-  for layer in _check_layers(layers, model.cfg.depth):
+  for layer in vit.check_layers(layers, model.cfg.depth):
     found = internals[layer]
     for r, c in queries:
       i = r * grid[1] + c  # row-major patch index

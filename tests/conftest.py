@@ -1,15 +1,25 @@
 """Shared test setup: 8 fake CPU devices, absl flags marked parsed, paths to the shared fixtures."""
 
+import atexit
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 
 # Must be set before JAX initialises its backends; tests that need one device use a sub-mesh.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+# One XLA compilation cache for the session, inherited by the subprocesses tests start: the suite
+# compiles the same tiny models' steps many times (new closures, new processes), and on two cores
+# compilation is most of a tiny run. Entries are keyed by the HLO, flags and devices, so a hit is exact.
+_COMPILATION_CACHE = tempfile.mkdtemp(prefix='locatvit_tests_xla_cache_')
+atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', _COMPILATION_CACHE)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402

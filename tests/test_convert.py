@@ -4,6 +4,7 @@ any JAX program reads with Orbax alone, and the Hugging Face folder (--to-hf) th
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ from safetensors.numpy import load_file, save_file
 import locatvit_jax
 from locatvit_jax import checkpoint, convert, loading
 from locatvit_jax.models import vit
+from tests import test_loading
 from tests.conftest import REPO
 
 # The documented export layout (README, "Params on disk"), written out independently of
@@ -241,11 +243,40 @@ def test_key_rules_reject_what_they_do_not_know():
 ])
 def test_cli_errors_are_one_line(args, message, tmp_path, capsys):
   (tmp_path / 'notes.txt').write_text('not a checkpoint')
-  assert convert.main([a.format(tmp=tmp_path) for a in args]) == 1
+  assert convert.main([a.format(tmp=tmp_path) for a in args]) == 2
   err = capsys.readouterr().err
   assert err.count('\n') == 1 and err.startswith('error: ') and message in err, err
   assert not (tmp_path / 'out').exists() and not (tmp_path / 'out.safetensors').exists()
 
+
+@pytest.fixture(scope='module')
+def good_checkpoints(tmp_path_factory):
+  return test_loading.write_good_checkpoints(tmp_path_factory.mktemp('good'))
+
+
+@pytest.mark.parametrize('source, message', [
+    ('garbage.safetensors', r'garbage\.safetensors: not a readable \.safetensors file \(Error while deserializing'),
+    ('export_arrays_cut', r'export/params: a damaged or incomplete Orbax checkpoint \(.*Error reading'),
+    ('workdir_metadata_missing', r'state: a damaged or incomplete Orbax checkpoint \(no metadata'),
+    ('segment', r'segment is a segmentation run \(a head on a frozen backbone\), not a classification model; '
+                r'its backbone is config\.init=/runs/pretrain/export'),
+], ids=['safetensors', 'export', 'workdir', 'segmentation_run'])
+@pytest.mark.parametrize('to', [[], ['--to-hf']], ids=['orbax', 'hf'])
+def test_cli_on_a_damaged_source_is_one_error_line_and_writes_nothing(good_checkpoints, tmp_path, capsys, source,
+                                                                      message, to):
+  if source == 'garbage.safetensors':
+    src = tmp_path / source
+    src.write_bytes(b'not a safetensors file')
+  elif source == 'segment':
+    src = test_loading.write_segmentation_run(tmp_path / source)
+  else:
+    src = test_loading.damaged_copy(good_checkpoints, source, tmp_path)
+  (tmp_path / 'out').mkdir()  # an existing DST folder: what was in it stays as it was
+  (tmp_path / 'out' / 'notes.txt').write_text('kept')
+  assert convert.main([str(src), str(tmp_path / 'out'), *to]) == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and err.startswith(f'error: {tmp_path}/') and re.search(message, err), err
+  assert [p.name for p in (tmp_path / 'out').iterdir()] == ['notes.txt']
 
 
 def test_export_from_eight_devices_restores_with_orbax_alone_on_one(parity_dir, official, tmp_path):

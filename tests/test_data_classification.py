@@ -326,3 +326,11 @@ def test_unknown_aug_field():
   aug.hlfip = 0.5
   with pytest.raises(ValueError, match=r"aug fields \['hlfip'\] are unknown or missing"):
     loader(IndexedSource(4), aug=aug)
+
+
+def test_every_interpolation_the_config_accepts_resamples():
+  """aug.interpolation's allowed names come from the transforms' table: each one picks a PIL filter."""
+  rng = np.random.default_rng(0)
+  for name in transforms.INTERPOLATION_NAMES:
+    pipeline.check_aug_config(aug_config(interpolation=name))
+    assert transforms.pick_interpolation(name, rng) in transforms.INTERPOLATIONS.values()

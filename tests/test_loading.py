@@ -1,16 +1,21 @@
 """`load()`: parity with the authors' model, architecture inference, and every way a load can fail."""
 
 import json
+import pickle
+import re
+import shutil
 import sys
+import types
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import locatvit_jax
-from locatvit_jax import convert, loading
+from locatvit_jax import checkpoint, convert, loading
 from locatvit_jax.models import vit
 
 FORWARD = nnx.jit(lambda model, images: (model(images), model.features(images)))
@@ -149,14 +154,16 @@ def test_config_json_naming_another_size_is_reported(tmp_path):
     locatvit_jax.load(tmp_path)
 
 
-def test_class_token_must_match_the_pooling(tmp_path):
-  convert.write_hf(tiny_model(), tmp_path)
-  config = json.loads((tmp_path / 'config.json').read_text())
-  config['model_args']['global_pool'] = 'avg'  # timm's GAP ViT with a class token: not a model of ours
-  (tmp_path / 'config.json').write_text(json.dumps(config))
-  with pytest.raises(ValueError, match=r"config.json: class_token=True with global_pool='avg'; this ViT has a "
-                     r"class token exactly when it pools it \('token'\)"):
-    locatvit_jax.load(tmp_path)
+def test_gap_model_keeps_its_class_token_through_the_hub_format(tmp_path):
+  # timm's GAP ViTs may keep a class token that attends but is not pooled; config.json records it.
+  model = locatvit_jax.create_model('locatvit_ti16', num_classes=3, img_size=32, width=32, depth=1,
+                                    num_heads=2, mlp_dim=64, pool='gap', class_token=True, seed=0)
+  convert.write_hf(model, tmp_path)
+  assert json.loads((tmp_path / 'config.json').read_text())['model_args']['class_token'] is True
+  again = locatvit_jax.load(tmp_path)
+  assert (again.cfg.pool, again.cfg.class_token) == ('gap', True)
+  x = np.random.default_rng(0).normal(size=(1, 32, 32, 3)).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(again(x)))
 
 
 # -- paths that are not checkpoints -------------------------------------------------------------
@@ -196,3 +203,156 @@ def test_state_dict_that_is_not_a_vit(tmp_path):
   save_file({'fc.weight': np.zeros((2, 2), np.float32)}, tmp_path / 'mlp.safetensors')
   with pytest.raises(ValueError, match=r"not a ViT state dict: no patch_embed.proj.weight among \['fc.weight'\]"):
     locatvit_jax.load(tmp_path / 'mlp.safetensors')
+
+
+# -- damaged checkpoints: one ValueError that names the file -------------------------------------------
+# Width 32, depth 1: the arrays of a real checkpoint, made without building (compiling) the model.
+TINY_CFG = vit.ViTConfig(width=32, depth=1, num_heads=2, mlp_dim=64, patch_size=8, img_size=32, num_classes=3)
+
+
+def random_params(cfg):
+  """Params of `cfg` in the export layout, random so that every array has bytes on disk."""
+  abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: vit.ViT(cfg, rngs=nnx.Rngs(0))), nnx.Param))
+  rng = np.random.default_rng(0)
+  return jax.tree.map(lambda a: rng.normal(size=a.shape).astype(a.dtype), abstract)
+
+
+def write_training_checkpoint(workdir, params, record):
+  """WORKDIR/checkpoints/1 as the trainers write it, with `record` as its model record."""
+  import grain
+  ckpt = checkpoint.TrainCheckpointer(workdir, save_every=1, use_async=False)
+  ckpt.save(1, {'step': np.int32(1), 'params': params, 'opt_state': {}},
+            iter(grain.MapDataset.range(1).to_iter_dataset()), record, {}, force=True)
+  ckpt.close()
+  return workdir
+
+
+def write_segmentation_run(workdir, backbone='/runs/pretrain/export'):
+  """A segmentation run's checkpoint and export, each with the record the segmentation trainer keeps
+  (a head's params stand for the arrays: the record alone tells the run)."""
+  from locatvit_jax.train import segmentation
+  config = ml_collections.ConfigDict(dict(init=backbone, data=dict(num_classes=4), head_hidden=16))
+  record = segmentation.head_config(config, TINY_CFG)
+  head = {'proj': {'kernel': np.zeros((TINY_CFG.width, 4), np.float32)}}
+  checkpoint.save_params(workdir / 'export', {'head': head}, ml_collections.ConfigDict(record))
+  return write_training_checkpoint(workdir, head, record)
+
+
+def cut_files(folder):
+  for f in folder.iterdir():
+    f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+
+
+# id: (what is damaged, how, the error). Orbax's array files are under ocdbt.process_0/d.
+DAMAGES = {
+    'export_arrays_cut': ('export', lambda d: cut_files(d / 'params/ocdbt.process_0/d'),
+                          r'export/params: a damaged or incomplete Orbax checkpoint \(.*Error reading'),
+    'export_metadata_garbled': ('export', lambda d: (d / 'params/_METADATA').write_text('{'),
+                                r'export/params: a damaged or incomplete Orbax checkpoint '
+                                r'\(no metadata that Orbax can read\)'),
+    'export_config_missing': ('export', lambda d: (d / 'model_config.json').unlink(),
+                              r'export: an incomplete params export, model_config.json is missing; '
+                              r'expected params/ and model_config.json'),
+    'export_params_missing': ('export', lambda d: shutil.rmtree(d / 'params'),
+                              r'export: an incomplete params export, params is missing'),
+    'export_config_garbled': ('export', lambda d: (d / 'model_config.json').write_text('{"width": 3'),
+                              r'export/model_config.json: not valid JSON \(Expecting'),
+    'export_config_not_an_object': ('export', lambda d: (d / 'model_config.json').write_text('[32]'),
+                                    r'export/model_config.json: holds a JSON list; expected an object'),
+    'export_config_unknown_field': ('export', lambda d: (d / 'model_config.json').write_text('{"widht": 32}'),
+                                    r"export/model_config.json: unknown model config keys \['widht'\]"),
+    'workdir_arrays_cut': ('workdir', lambda d: cut_files(d / 'checkpoints/1/state/ocdbt.process_0/d'),
+                           r'workdir/checkpoints/1/state: a damaged or incomplete Orbax checkpoint \(.*Error reading'),
+    'workdir_metadata_missing': ('workdir', lambda d: (d / 'checkpoints/1/state/_METADATA').unlink(),
+                                 r'workdir/checkpoints/1/state: a damaged or incomplete Orbax checkpoint '
+                                 r'\(no metadata that Orbax can read\)'),
+    'workdir_record_missing': ('workdir', lambda d: shutil.rmtree(d / 'checkpoints/1/model_config'),
+                               r'workdir/checkpoints/1/model_config/metadata: no such file; '
+                               r'this training checkpoint is incomplete'),
+}
+
+
+def damaged_copy(good, name, dst):
+  """A copy of the good export or workdir at `dst`, damaged as DAMAGES[name] says."""
+  kind, damage, _ = DAMAGES[name]
+  shutil.copytree(good / kind, dst / kind)
+  damage(dst / kind)
+  return dst / kind
+
+
+def write_good_checkpoints(root):
+  """ROOT/export (a params export) and ROOT/workdir (training checkpoints) of TINY_CFG, to damage copies of."""
+  params = random_params(TINY_CFG)
+  checkpoint.save_params(root / 'export', params, TINY_CFG)
+  write_training_checkpoint(root / 'workdir', params, json.loads(TINY_CFG.to_json()))
+  return root
+
+
+@pytest.fixture(scope='module')
+def good_checkpoints(tmp_path_factory):
+  return write_good_checkpoints(tmp_path_factory.mktemp('good'))
+
+
+@pytest.mark.parametrize('name', sorted(DAMAGES))
+def test_damaged_checkpoint_is_one_error_naming_the_file(good_checkpoints, tmp_path, name):
+  path = damaged_copy(good_checkpoints, name, tmp_path)
+  with pytest.raises(ValueError, match=re.escape(str(tmp_path)) + '/' + DAMAGES[name][2]) as info:
+    locatvit_jax.load(path)
+  assert '\n' not in str(info.value)
+
+
+@pytest.mark.parametrize('cut', [0, 7, -100], ids=['empty', 'header_cut', 'data_cut'])
+def test_damaged_safetensors_file_is_named(tmp_path, cut):
+  save_file({'patch_embed.proj.weight': np.ones((32, 3, 8, 8), np.float32)}, tmp_path / 'model.safetensors')
+  path = tmp_path / 'model.safetensors'
+  path.write_bytes(path.read_bytes()[:cut])
+  with pytest.raises(ValueError, match=rf'^{re.escape(str(path))}: not a readable \.safetensors file '
+                     r'\(Error while deserializing'):
+    locatvit_jax.load(path)
+
+
+def test_hf_config_json_that_is_not_json_is_named(tmp_path):
+  (tmp_path / 'config.json').write_text('{"architecture": ')
+  save_file({'patch_embed.proj.weight': np.ones((32, 3, 8, 8), np.float32)}, tmp_path / 'model.safetensors')
+  with pytest.raises(ValueError, match=rf'^{re.escape(str(tmp_path))}/config.json: not valid JSON \(Expecting'):
+    locatvit_jax.load(tmp_path)
+
+
+def fake_torch(loads):
+  """A stand-in for torch (not installed here) whose torch.load returns or raises `loads`."""
+  def load(*args, **kwargs):
+    if isinstance(loads, Exception):
+      raise loads
+    return loads
+  return types.SimpleNamespace(load=load, Tensor=np.ndarray)
+
+
+@pytest.mark.parametrize('loads, message', [
+    (pickle.UnpicklingError("Weights only load failed.\nPlease file an issue."),
+     r": not a PyTorch checkpoint that torch.load reads \(Weights only load failed.\)$"),
+    (RuntimeError('PytorchStreamReader failed reading zip archive: failed finding central directory'),
+     r': not a PyTorch checkpoint that torch.load reads \(PytorchStreamReader failed'),
+    ([np.zeros(3)], r": holds a list that is not a state dict; expected tensors by name"),
+    ({'epoch': 3}, r": holds a dict that is not a state dict"),
+], ids=['unpickling', 'not_a_zip', 'a_list', 'no_tensors'])
+def test_torch_file_that_torch_cannot_read_is_named(tmp_path, monkeypatch, loads, message):
+  path = tmp_path / 'model.pth'
+  path.write_bytes(b'not a pickle')
+  monkeypatch.setitem(sys.modules, 'torch', fake_torch(loads))
+  with pytest.raises(ValueError, match=re.escape(str(path)) + message):
+    locatvit_jax.load(path)
+
+
+@pytest.fixture(scope='module')
+def segmentation_run(tmp_path_factory):
+  return write_segmentation_run(tmp_path_factory.mktemp('segment'))
+
+
+@pytest.mark.parametrize('sub', ['', 'checkpoints', 'checkpoints/1', 'export'],
+                         ids=['workdir', 'checkpoints', 'step', 'export'])
+def test_segmentation_run_is_named_with_its_backbone(segmentation_run, sub):
+  path = segmentation_run / sub
+  with pytest.raises(ValueError, match=rf'^{re.escape(str(path))} is a segmentation run \(a head on a frozen '
+                     r'backbone\), not a classification model; its backbone is config.init=/runs/pretrain/export, and '
+                     r'locatvit_jax.train.segmentation.load_export\(WORKDIR/export\) loads backbone and head$'):
+    locatvit_jax.load(path)

@@ -1,4 +1,5 @@
-"""The model: GAug against the spec's formulas, parameter counts, shapes, ablation switches, errors."""
+"""The model: GAug against the spec's formulas, parameter counts, shapes, ablation switches, the
+authors' variants (class token, registers, GAP, no position embedding) in values, errors."""
 
 import dataclasses
 import functools
@@ -11,6 +12,7 @@ from flax import nnx
 
 from locatvit_jax import loading
 from locatvit_jax.models import locat, vit
+from tests.conftest import shared_fixture
 
 # Tiny widths keep every forward pass well under a second on CPU; head_dim 32, not 64.
 TINY = dict(width=64, depth=2, num_heads=2, mlp_dim=128, drop_path=0.0)
@@ -228,24 +230,49 @@ def test_features_of_listed_layers(tiny):
   one_block = loading.build_model(dataclasses.replace(tiny.cfg, depth=1),
                                   {k: v for k, v in params.items() if not k.startswith('blocks/1/')})
   np.testing.assert_allclose(first, FORWARD(one_block, x)[1], rtol=1e-5, atol=1e-5)
-  with pytest.raises(ValueError, match=r'layers \[2, -3\] out of range; the model has 2 blocks'):
-    tiny.features(x, layers=[0, 2, -3])
 
 
 @pytest.mark.parametrize('overrides', [
     dict(gaug=False, prr=False),  # plain ViT
     dict(gaug=True, prr=False),
     dict(gaug=False, prr=True),
-    dict(pool='gap'),
-    dict(pos_embed='none'),
-    dict(reg_tokens=4),
-], ids=['vit', 'gaug_only', 'prr_only', 'gap', 'no_pos_embed', 'registers'])
+    dict(pool='gap'),  # no class token: the authors' GAP model below has one
+], ids=['vit', 'gaug_only', 'prr_only', 'gap'])
 def test_ablation_switches_run(overrides):
   model = tiny_model(**overrides)
   model.eval()
   logits, feats = FORWARD(model, images(2, 64, 96))
   assert logits.shape == (2, 7) and feats.shape == (2, 4, 6, 64)
   assert np.isfinite(logits).all() and np.isfinite(feats).all()
+
+
+# The authors' variants (../shared/parity/README.md): folder -> the config load() must read, and the
+# resolutions checked. Without a position embedding, another grid changes only GAug's variances, which
+# the tiny model's parity test (test_loading.py) checks; with registers, it resamples the embedding
+# around 5 prefix rows.
+AUTHORS_VARIANTS = {
+    'locatvit_nopos_random': (dict(pool='token', class_token=True, reg_tokens=0, pos_embed='none'), ('224',)),
+    # timm's average pooling keeps the class token: it attends but is not pooled.
+    'locatvit_reg_gap_random': (dict(pool='gap', class_token=True, reg_tokens=4, pos_embed='learn'),
+                                ('224', 'dyn')),
+}
+
+
+def relative_error(got, ref):
+  return np.abs(np.asarray(got) - ref).max() / np.abs(ref).max()
+
+
+@pytest.mark.parametrize('name', sorted(AUTHORS_VARIANTS))
+def test_variants_match_the_authors_outputs(name):
+  folder = shared_fixture('parity', name)
+  expected_cfg, resolutions = AUTHORS_VARIANTS[name]
+  model = loading.load(folder)  # the class token, registers and pooling read from the tensors alone
+  assert {k: getattr(model.cfg, k) for k in expected_cfg} == expected_cfg
+  ref = np.load(folder / 'reference.npz')
+  for res in resolutions:
+    logits, feats = FORWARD(model, ref[f'images_{res}'])
+    assert relative_error(logits, ref[f'logits_{res}']) < 1e-5, res
+    assert relative_error(feats, ref[f'features_{res}']) < 1e-5, res
 
 
 def test_prr_changes_logits_never_features(tiny):
@@ -309,6 +336,12 @@ def test_bad_images(tiny, shape, message):
     tiny(jnp.zeros(shape))
 
 
+def test_layers_out_of_range(tiny):
+  with pytest.raises(ValueError, match=r'^layers \[0, 2, -3\]; expected block indices in -2..1 '
+                     r'\(the model has 2 blocks\)$'):
+    tiny.features(images(1, 32, 32), layers=[0, 2, -3])
+
+
 def test_unknown_model_name_lists_every_accepted_name():
   with pytest.raises(ValueError, match=r"unknown model name 'vit_xl16'; expected one of "
                      r"\('vit_ti16', .*'locatvit_l16'\) or \('locatvit_tiny', .*'vit_large_patch16_224'\)$"):
@@ -318,8 +351,10 @@ def test_unknown_model_name_lists_every_accepted_name():
 @pytest.mark.parametrize('overrides, message', [
     (dict(width=100), 'width=100 must be a multiple of num_heads=3'),
     (dict(pool='max'), "pool='max'; expected 'token' or 'gap'"),
+    (dict(class_token=False), "pool='token' needs class_token=True: it pools the class token"),
     (dict(pos_embed='sincos'), "pos_embed='sincos'; expected 'learn' or 'none'"),
-    (dict(dtype='float64'), "dtype='float64'; expected one of"),
+    # float16 lacks the reference's fp16 distance cap.
+    (dict(dtype='float16'), r"^dtype='float16'; expected one of \('float32', 'bfloat16'\)$"),
     (dict(gaug_impl='flash'), "gaug_impl='flash'; expected one of"),
     (dict(remat='all'), "remat='all'; expected one of"),
     (dict(img_size=(224, 200)), r'img_size=\(224, 200\) must be a multiple of patch_size=16'),

@@ -107,6 +107,10 @@ def test_bad_configs_and_layouts(tmp_path, ade_root):
     seg_sources.segmentation_source(cfg(kind='ade20k', root=str(ade_root), num_classes=151), 'training')
   with pytest.raises(FileNotFoundError, match='ADE20K images folder .*/nowhere/ADEChallengeData2016'):
     seg_sources.segmentation_source(cfg(kind='ade20k', root=str(tmp_path / 'nowhere')), 'training')
+  (tmp_path / 'pc/VOCdevkit/VOC2010/JPEGImages').mkdir(parents=True)
+  with pytest.raises(FileNotFoundError, match=r'VOC2010/ImageSets/SegmentationContext/train.txt does not exist; '
+                                              r'expected the layout in seg_sources.py'):
+    seg_sources.segmentation_source(cfg(kind='pcontext', root=str(tmp_path / 'pc')), 'train')
 
 
 # -- bad data: each error names the file --------------------------------------------------------------
@@ -135,6 +139,24 @@ def test_size_mismatch_and_out_of_range_fail_when_decoded(ade_root):
       label_map=source.label_map, seed=0, worker_count=0)
   with pytest.raises(ValueError, match='ADE_[13].png'):
     next(iter(loader))
+
+
+def test_corrupt_files_are_skipped_and_counted(ade_root):
+  """Bytes that are not an image, as image or as label: a counted stand-in whose pixels are all ignored."""
+  base = ade_root / 'ADEChallengeData2016'
+  for name in ('images/training/ADE_1.jpg', 'annotations/training/ADE_3.png', 'images/validation/ADE_2.jpg'):
+    (base / name).write_bytes(b'these bytes are not an image')
+  source = seg_sources.ade20k_source(str(ade_root), 'training')
+  it = iter(train_loader(source))
+  batches = [next(it) for _ in range(3)]  # a batch of 4 is one epoch of the 4 files
+  for b in batches:
+    assert b['skipped'].dtype == np.int32 and b['skipped'].sum() == 2
+    assert np.all(b['mask'][b['skipped'] == 1] == 255)
+    assert np.all((b['mask'][b['skipped'] == 0] != 255).any(axis=(1, 2)))
+  val = seg_sources.ade20k_source(str(ade_root), 'validation')
+  examples = list(seg_pipeline.segmentation_eval_examples(val, scale=(64, 32), label_map=val.label_map,
+                                                          patch_size=16, num_threads=2))
+  assert [int(ex['skipped']) for ex in examples] == [0, 0, 1, 0]
 
 
 def test_rgb_label_png_is_rejected():
@@ -271,7 +293,7 @@ def test_ade20k_folder_train_loader(ade_root):
     train_loader(source, ratio_range=(2.0, 0.5))
   with pytest.raises(ValueError, match=r'scale=\(512,\); expected two positive integers'):
     train_loader(source, scale=(512,))
-  with pytest.raises(ValueError, match=r'shard_index=2 with shard_count=2'):
+  with pytest.raises(ValueError, match=r'shard_index=2; expected 0 <= shard_index < shard_count=2'):
     train_loader(source, shard_index=2, shard_count=2)
 
 

@@ -1,4 +1,5 @@
-"""Segmentation head against a NumPy re-implementation; bilinear upsampling as PyTorch; the loss."""
+"""Segmentation head against a NumPy re-implementation; bilinear upsampling as PyTorch; the whole-image
+evaluation geometry against NumPy; the loss."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,7 @@ import pytest
 from flax import nnx
 from scipy.special import erf, log_softmax
 
+from locatvit_jax.data import seg_transforms
 from locatvit_jax.models import seg_head
 
 
@@ -64,6 +66,32 @@ def test_upsample_logits_matches_pytorch_bilinear(size):
   out = seg_head.upsample_logits(jnp.asarray(logits), size)
   assert out.shape == (2, *size, 3)
   np.testing.assert_allclose(out, torch_bilinear(logits, size), rtol=1e-5, atol=1e-5)
+
+
+# Odd label sizes -> the eval scale (64, 32) fit by hand (mmcv's keep-ratio rescale), and the input padded
+# to multiples of 16. The last label is smaller than its fit: the logits are shrunk, not enlarged.
+EVAL_GEOMETRY = [((37, 53), (32, 46), (32, 48)),  # factor 32/37: 53 * 32/37 = 45.8 -> 46
+                 ((91, 29), (64, 20), (64, 32)),  # factor 64/91: 29 * 64/91 = 20.4 -> 20
+                 ((21, 27), (32, 41), (32, 48))]  # factor 32/21: 27 * 32/21 = 41.1 -> 41
+
+
+@pytest.mark.parametrize('label_size, valid, padded', EVAL_GEOMETRY)
+def test_whole_image_eval_geometry_matches_numpy(label_size, valid, padded):
+  """Resize to the eval scale keeping the ratio, pad to the patch multiple, upsample the patch logits,
+  resize the valid region to the label size as PyTorch's bilinear (align_corners=False), argmax."""
+  rng = np.random.default_rng(3)
+  example = {'image': rng.integers(0, 256, (*label_size, 3), dtype=np.uint8),
+             'mask': np.zeros(label_size, np.uint8), 'skipped': np.int32(0)}
+  ex = seg_transforms.EvalResizeAndPad((64, 32), 16).map(example)
+  assert tuple(ex['valid_size']) == valid and ex['image'].shape == (*padded, 3)
+  patch_logits = rng.normal(size=(padded[0] // 16, padded[1] // 16, 5)).astype(np.float32)
+  geometry = jax.jit(seg_head.logits_at_label_size, static_argnames=('input_size', 'canvas'))
+  got = geometry(patch_logits, input_size=padded, valid_size=ex['valid_size'],
+                 label_size=np.array(ex['label'].shape, np.int32), canvas=(128, 128))
+  h, w = valid
+  expected = torch_bilinear(torch_bilinear(patch_logits[None], padded)[:, :h, :w], label_size)[0]
+  np.testing.assert_allclose(got[:label_size[0], :label_size[1]], expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.argmax(got[:label_size[0], :label_size[1]], -1), np.argmax(expected, -1))
 
 
 def test_loss_ignores_255_like_numpy_cross_entropy():

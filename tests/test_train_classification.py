@@ -53,7 +53,8 @@ def test_sharded_training_matches_single_device(tmp_path, image_folder):
   config = tiny_classification_config(str(image_folder), total_steps=3, checkpoint_every=3)
   single = tmp_path / 'single'
   classification.train_and_evaluate(config, str(single), devices=jax.devices()[:1])
-  config.mesh.update(dict(data=2, fsdp=4))
+  # Every kind of parallelism at once: batch over data x fsdp, parameters over fsdp and tensor.
+  config.mesh.update(dict(data=2, fsdp=2, tensor=2))
   sharded = tmp_path / 'sharded'
   classification.train_and_evaluate(config, str(sharded))
   a, b = losses_by_step(single), losses_by_step(sharded)
@@ -61,8 +62,8 @@ def test_sharded_training_matches_single_device(tmp_path, image_folder):
   np.testing.assert_allclose([a[s] for s in a], [b[s] for s in a], rtol=1e-5, atol=1e-6)
   pa = locatvit_jax.get_params(locatvit_jax.load(single / 'export'))
   pb = locatvit_jax.get_params(locatvit_jax.load(sharded / 'export'))
-  # The full train state saved on 8 devices (data 2 x fsdp 4) restores onto 1 device.
-  config.mesh.update(dict(data=-1, fsdp=1))
+  # The full train state saved on 8 devices (data 2 x fsdp 2 x tensor 2) restores onto 1 device.
+  config.mesh.update(dict(data=-1, fsdp=1, tensor=1))
   (sharded / 'export').rename(sharded / 'export_8dev')
   classification.train_and_evaluate(config, str(sharded), devices=jax.devices()[:1])
   pc = locatvit_jax.get_params(locatvit_jax.load(sharded / 'export'))

@@ -1,5 +1,6 @@
 """Pictures: palettes, panels, GAug kernels and attention maps (against the model), bar charts."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,9 +13,24 @@ from locatvit_jax import viz
 TINY = dict(img_size=32, width=32, depth=2, num_heads=2, mlp_dim=64)
 
 
+def loud_model(name):
+  """A tiny model with every parameter drawn large, so that logits, GAug widths and strengths all
+  matter (at the initialisation's scale, attention is almost uniform)."""
+  model = locatvit_jax.create_model(name, num_classes=10, **TINY)
+  rng = np.random.default_rng(1)
+  nnx.update(model, jax.tree.map(lambda p: rng.normal(0, 0.3, p.shape).astype(np.float32),
+                                 nnx.state(model, nnx.Param)))
+  return model
+
+
 @pytest.fixture(scope='module')
 def model():
-  return locatvit_jax.create_model('locatvit_ti16', num_classes=10, **TINY)
+  return loud_model('locatvit_ti16')
+
+
+@pytest.fixture(scope='module')
+def plain():
+  return loud_model('vit_ti16')
 
 
 @pytest.fixture(scope='module')
@@ -66,34 +82,46 @@ def test_image_grid_has_one_slot_per_image(tmp_path):
   np.testing.assert_array_equal(picture[viz.PAD + 80, 2 * viz.PAD + 160 + 80], [40, 40, 40])  # image 1
 
 
-def _block_input(model, image, block):
-  """Tokens entering `block`, from the model's own encoder (evaluation mode)."""
+def numpy_internals(model, x, block, grid):
+  """var, alpha, S and softmax(q k^T / sqrt(d) + S) of one block in float64 (spec section 2), from the
+  block's input tokens x (N, C) and its parameters, at the grid the model was built for."""
+  w = lambda p: np.asarray(p[...], np.float64)
+  blk, p, h = model.blocks[block], model.cfg.num_prefix, model.cfg.num_heads
+  y = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6) * w(blk.norm1.scale)
+  y += w(blk.norm1.bias)
+  n, c = y.shape
+  q, k, _ = (y @ w(blk.attn.qkv.kernel) + w(blk.attn.qkv.bias)).reshape(n, 3, h, c // h).transpose(1, 2, 0, 3)
+  logits = q @ k.transpose(0, 2, 1) / np.sqrt(c // h)
+  out = {}
+  if model.cfg.gaug:
+    gaug, c_max = blk.attn.gaug, max(grid) ** 2
+    var = c_max / (1 + np.exp(np.log(c_max - 1) - q[:, p:] @ w(gaug.var_proj.kernel) - w(gaug.var_proj.bias)))
+    alpha = np.log1p(np.exp(q[:, p:] @ w(gaug.alpha_proj.kernel) + w(gaug.alpha_proj.bias)))[..., 0]
+    rows, cols = np.divmod(np.arange(grid[0] * grid[1]), grid[1])
+    d_row, d_col = (rows[:, None] - rows[None, :]) ** 2, (cols[:, None] - cols[None, :]) ** 2
+    eps = 0.1  # the spec's eps for this grid
+    bias = alpha[..., None] * np.exp(-0.5 * (d_row / (var[..., 0:1] + eps) + d_col / (var[..., 1:2] + eps)))
+    logits[:, p:, p:] += bias
+    out.update(var=var, alpha=alpha, bias=bias)
+  e = np.exp(logits - logits.max(-1, keepdims=True))
+  return dict(out, probs=e / e.sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize('name', ['model', 'plain'])
+def test_internals_are_the_attention_of_the_spec(request, name, image):
+  """What the attention layers expose, against NumPy."""
+  model = request.getfixturevalue(name)
+  grid, found = viz.attention_internals(model, image, [0, 1])
+  assert grid == (2, 2) and sorted(found) == [0, 1]
   view = nnx.view(model, deterministic=True)
-  x = jnp.asarray(image)[None]
-  if block == 0:
-    return view.embed(x)[0]
-  return view.encode(x, layers=(block - 1,))[2][0]
-
-
-@pytest.mark.parametrize('block', [0, 1])
-def test_internals_reproduce_the_models_attention(model, image, block):
-  grid, found = viz.attention_internals(model, image, [block])
-  found = found[block]
-  assert grid == (2, 2) and found['probs'].shape == (2, 5, 5)
-  np.testing.assert_allclose(found['probs'].sum(-1), 1.0, rtol=1e-5)
-  # The GAug bias from var and alpha, written out independently (spec section 2).
-  var, alpha, eps = found['var'], found['alpha'], model.blocks[block].attn.geometry.eps
-  rows, cols = np.divmod(np.arange(4), 2)
-  d_row = (rows[:, None] - rows[None, :]) ** 2
-  d_col = (cols[:, None] - cols[None, :]) ** 2
-  expected = alpha[..., None] * np.exp(-0.5 * (d_row / (var[..., 0:1] + eps) + d_col / (var[..., 1:2] + eps)))
-  np.testing.assert_allclose(found['bias'], expected, rtol=1e-5, atol=1e-7)
-  # Attending with these probabilities gives the model's attention output.
-  blk = model.blocks[block]
-  x = blk.norm1(_block_input(model, image, block))
-  v = blk.attn.qkv(x).reshape(1, 5, 3, 2, 16)[:, :, 2].transpose(0, 2, 1, 3)
-  mixed = jnp.einsum('hqk,bhkd->bqhd', found['probs'], v).reshape(1, 5, 32)
-  np.testing.assert_allclose(blk.attn.proj(mixed), blk.attn(x, grid, 1), rtol=1e-4, atol=1e-5)
+  tokens, _ = view.embed(jnp.asarray(image)[None])
+  for block in (0, 1):
+    want = numpy_internals(model, np.asarray(tokens[0], np.float64), block, grid)
+    assert sorted(found[block]) == sorted(want)
+    for key, value in want.items():
+      np.testing.assert_allclose(found[block][key], value, rtol=1e-5, atol=1e-7, err_msg=f'block {block} {key}')
+    np.testing.assert_allclose(found[block]['probs'].sum(-1), 1.0, rtol=1e-6)
+    tokens = view.blocks[block](tokens, grid, model.cfg.num_prefix)
 
 
 def test_internals_leave_the_model_in_training_mode(model, image):
@@ -116,13 +144,12 @@ def test_query_pictures(tmp_path, model, image, save, per_head):
   assert xs.min() == viz.PAD and xs[ys == ys.min()].max() == viz.PAD + 79  # one 16 px patch x5
 
 
-def test_query_pictures_reject_bad_requests(tmp_path, model, image):
+def test_query_pictures_reject_bad_requests(tmp_path, model, plain, image):
   path = str(tmp_path / 'q.png')
-  with pytest.raises(ValueError, match=r'layers \[2\]; expected block indices in -2..1'):
+  with pytest.raises(ValueError, match=r'layers \[2\];'):  # the message: test_model.py
     viz.save_attention_maps(path, model, image, [2], [(0, 0)])
   with pytest.raises(ValueError, match=r'query_patches \[\(2, 0\)\]; expected \(row, col\) pairs on the 2x2'):
     viz.save_gaug_kernels(path, model, image, [0], [(2, 0)])
-  plain = locatvit_jax.create_model('vit_ti16', num_classes=10, **TINY)
   with pytest.raises(ValueError, match='the model has no GAug'):
     viz.save_gaug_kernels(path, plain, image, [0], [(0, 0)])
   viz.save_attention_maps(path, plain, image, [0], [(0, 0)])  # plain attention has maps

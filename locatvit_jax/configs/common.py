@@ -71,11 +71,6 @@ SEG_DATASETS = {
     'cocostuff': (dict(kind='cocostuff', num_classes=171, train_split='train2017', eval_split='val2017'),
                   512, (2048, 512)),
 }
-PAPER_MIOU = {  # (ViT, LocAtViT) frozen-backbone mIoU, spec section 7
-    ('ade20k', 'ti'): (17.30, 23.47), ('ade20k', 'b'): (28.40, 32.64),
-    ('pcontext', 'ti'): (33.71, 38.57), ('pcontext', 'b'): (43.10, 45.35),
-    ('cocostuff', 'ti'): (20.29, 26.15), ('cocostuff', 'b'): (30.43, 33.62),
-}
 
 
 def segmentation_config(dataset: str, arg: str | None) -> ml_collections.ConfigDict:

@@ -15,6 +15,7 @@ LocAtViT 75.7 / 23.7; the full table is in the README ("Demo").
 import ml_collections
 
 from locatvit_jax.configs import common
+from locatvit_jax.data import demo as demo_data
 
 
 def get_config(arg=None):
@@ -23,7 +24,7 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.task = 'demo'
   c.mode = arg or 'single'
-  c.variant = 'locat'
+  c.variant = 'locat'  # a key of demo.VARIANT_NAMES, as is each of compare.variants
   c.seed = 0
   c.data = ml_collections.ConfigDict(dict(
       data_dir=ml_collections.config_dict.placeholder(str), image_size=64, num_train=8000, num_val=1000,
@@ -37,7 +38,7 @@ def get_config(arg=None):
   # (an 8x8 grid on 64 px) so GAug has a grid to shape its kernels on.
   pre = common.classification_config('ti', 'locat')
   pre.model.update(dict(img_size=64, patch_size=8, width=96, depth=4, num_heads=3, mlp_dim=384, drop_path=0.0))
-  pre.data.update(dict(num_classes=10, train_split='train', eval_split='validation'))
+  pre.data.update(dict(num_classes=demo_data.NUM_CLASSES, train_split='train', eval_split='validation'))
   # A short budget: little augmentation (digits are not mirror-symmetric, crops must keep the main
   # digit) and small batches, which took the model further per second than 64 or 128 here.
   pre.aug.update(dict(rrc_scale=(0.85, 1.0), hflip=0.0, randaug_num_ops=0, erase_prob=0.0, eval_resize=64))
@@ -50,11 +51,11 @@ def get_config(arg=None):
   pre.export_best = False
   c.pretrain = pre
 
-  # Stage 2: the spec's frozen-backbone linear head on the 11-class masks (0 = background).
+  # Stage 2: the spec's frozen-backbone linear head on the masks (background and one class per digit).
   seg = common.segmentation_config('ade20k', None)
   seg.size = ''  # the demo backbone is none of the paper's sizes
-  seg.data.update(dict(kind='tfds', name='', data_dir='', num_classes=11, train_split='train',
-                       eval_split='validation', mask_key='mask'))
+  seg.data.update(dict(kind='tfds', name='', data_dir='', num_classes=demo_data.NUM_SEG_CLASSES,
+                       train_split='train', eval_split='validation', mask_key='mask'))
   seg.patch_size = 8
   seg.crop_size = 64
   seg.train_scale = seg.eval_scale = (64, 64)

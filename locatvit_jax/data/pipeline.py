@@ -27,7 +27,6 @@ import numpy as np
 
 from locatvit_jax.data import transforms
 
-INTERPOLATIONS = ('bilinear', 'bicubic', 'random')
 # A training stream this long without one decodable image is not an image dataset.
 MAX_CONSECUTIVE_SKIPS = 1000
 
@@ -66,7 +65,8 @@ def check_aug_config(aug) -> None:
   check('rrc_scale', 0 < lo <= hi <= 1, '(min, max) with 0 < min <= max <= 1')
   lo, hi = aug.rrc_ratio
   check('rrc_ratio', 0 < lo <= hi, '(min, max) with 0 < min <= max')
-  check('interpolation', aug.interpolation in INTERPOLATIONS, f'one of {INTERPOLATIONS}')
+  check('interpolation', aug.interpolation in transforms.INTERPOLATION_NAMES,
+        f'one of {transforms.INTERPOLATION_NAMES}')
   check('hflip', 0 <= aug.hflip <= 1, 'a probability in [0, 1]')
   check('randaug_num_ops', int(aug.randaug_num_ops) == aug.randaug_num_ops >= 0, 'an integer >= 0')
   check('randaug_magnitude', 0 <= aug.randaug_magnitude <= 10, 'a magnitude in [0, 10]')
@@ -74,6 +74,16 @@ def check_aug_config(aug) -> None:
   check('erase_prob', 0 <= aug.erase_prob <= 1, 'a probability in [0, 1]')
   check('mean', len(aug.mean) == 3, '3 per-channel values')
   check('std', len(aug.std) == 3 and min(aug.std) > 0, '3 positive per-channel values')
+
+
+def process_shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
+  """(shard_index, shard_count), checked; by default this JAX process's shard (one per process).
+  The classification and segmentation loaders take theirs from here."""
+  index = jax.process_index() if shard_index is None else shard_index
+  count = jax.process_count() if shard_count is None else shard_count
+  if not 0 <= index < count:
+    raise ValueError(f'shard_index={index}; expected 0 <= shard_index < shard_count={count}')
+  return index, count
 
 
 def classification_loader(source, *, train: bool, global_batch_size: int, img_size: int, aug, seed: int,
@@ -89,10 +99,7 @@ def classification_loader(source, *, train: bool, global_batch_size: int, img_si
   num_epochs: train only; None repeats forever.
   """
   check_aug_config(aug)
-  shard_index = jax.process_index() if shard_index is None else shard_index
-  shard_count = jax.process_count() if shard_count is None else shard_count
-  if not 0 <= shard_index < shard_count:
-    raise ValueError(f'shard_index={shard_index}; expected 0 <= shard_index < shard_count={shard_count}')
+  shard_index, shard_count = process_shard(shard_index, shard_count)
   if global_batch_size < 1 or global_batch_size % shard_count:
     raise ValueError(f'global_batch_size={global_batch_size}; expected a positive multiple of '
                      f'shard_count={shard_count}')

@@ -10,6 +10,9 @@ run through the model at that size; it is padded bottom/right only to the next m
 size, so the number of distinct input shapes (and jit compilations) stays bounded by the scale.
 The caller crops the logits to `valid_size`, resizes them bilinearly to the original label's size and
 scores the argmax against that label: the metric is always at the original resolution.
+
+A corrupt image or label file does not stop either: it becomes a stand-in marked 'skipped' (see
+seg_transforms.DecodeExample), which the trainer and the evaluation count.
 """
 
 from __future__ import annotations
@@ -17,19 +20,9 @@ from __future__ import annotations
 import numbers
 
 import grain
-import jax
 
-from locatvit_jax.data import seg_transforms
+from locatvit_jax.data import pipeline, seg_transforms
 from locatvit_jax.data.seg_sources import LabelMap
-
-
-def _shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
-  """Defaults to one shard per JAX process."""
-  index = jax.process_index() if shard_index is None else shard_index
-  count = jax.process_count() if shard_count is None else shard_count
-  if not 0 <= index < count:
-    raise ValueError(f'shard_index={index} with shard_count={count}; expected 0 <= index < count')
-  return index, count
 
 
 def _check_sizes(**sizes) -> None:
@@ -53,10 +46,11 @@ def segmentation_train_loader(source, *, global_batch_size: int, crop_size: int,
                               shard_index: int | None = None,
                               shard_count: int | None = None) -> grain.DataLoader:
   """Endless batches of this process's share of the global batch:
-  {'image': float32 (b, crop, crop, 3) normalised, 'mask': int32 (b, crop, crop) classes or 255}."""
+  {'image': float32 (b, crop, crop, 3) normalised, 'mask': int32 (b, crop, crop) classes or 255,
+   'skipped': int32 (b,) 1 for the stand-ins of corrupt files (seg_transforms.DecodeExample), all ignored}."""
   _check_sizes(global_batch_size=global_batch_size, crop_size=crop_size, scale=tuple(scale),
                ratio_range=tuple(ratio_range))
-  shard_index, shard_count = _shard(shard_index, shard_count)
+  shard_index, shard_count = pipeline.process_shard(shard_index, shard_count)
   if global_batch_size % shard_count:
     raise ValueError(f'global_batch_size={global_batch_size} is not divisible by {shard_count} shards')
   if len(source) < shard_count:
@@ -79,9 +73,10 @@ def segmentation_eval_examples(source, *, scale, label_map: LabelMap, patch_size
   {'image': float32 (H', W', 3) normalised and padded to multiples of patch_size,
    'valid_size': int32 (2,) the resized image's (h, w) inside it,
    'label': int32 (H0, W0) classes or 255 at the original resolution,
-   'original_image': uint8 (H0, W0, 3)}."""
+   'original_image': uint8 (H0, W0, 3),
+   'skipped': int32 1 for the stand-in of a corrupt file (seg_transforms.DecodeExample), to leave out}."""
   _check_sizes(scale=tuple(scale), patch_size=patch_size)
-  shard_index, shard_count = _shard(shard_index, shard_count)
+  shard_index, shard_count = pipeline.process_shard(shard_index, shard_count)
   dataset = (grain.MapDataset.source(source)[shard_index::shard_count]
              .map(seg_transforms.DecodeExample(label_map))
              .map(seg_transforms.EvalResizeAndPad(scale, patch_size)))

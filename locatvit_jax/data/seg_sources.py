@@ -33,11 +33,12 @@ import dataclasses
 from typing import Sequence
 
 import numpy as np
-import tensorflow_datasets as tfds
 from etils import epath
 
 from locatvit_jax import paths
 
+# The label value that marks pixels no class is scored on (unlabelled, padding): the datasets' and
+# mmseg's convention, and the one place the rest of the package takes it from.
 IGNORE_INDEX = 255
 
 
@@ -59,10 +60,10 @@ class LabelMap:
 
 
 def reduce_zero_label(num_classes: int) -> LabelMap:
-  """mmseg's reduce_zero_label: 0 (unlabelled) -> 255, k -> k - 1, and 255 stays 255."""
-  lut = (np.arange(256) - 1).astype(np.uint8)  # 0 wraps around to 255
-  lut[255] = IGNORE_INDEX
-  return LabelMap(lut, num_classes)
+  """mmseg's reduce_zero_label: 0 (unlabelled) -> ignored, k -> k - 1, and 255 stays ignored."""
+  lut = np.arange(256) - 1
+  lut[[0, 255]] = IGNORE_INDEX
+  return LabelMap(lut.astype(np.uint8), num_classes)
 
 
 def identity_labels(num_classes: int) -> LabelMap:
@@ -105,6 +106,7 @@ class TfdsSegmentationSource:
     self.label_map = label_map
     self.num_classes = label_map.num_classes
     self._mask_key, self._mask_channel = mask_key, mask_channel
+    import tensorflow_datasets as tfds  # here, not at the top: only these sources need its slow import
     # download=False: a missing dataset is an error here, never a download at training time.
     self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
 

@@ -18,6 +18,7 @@ import io
 
 import grain
 import numpy as np
+from absl import logging
 from PIL import Image
 
 from locatvit_jax.data import transforms
@@ -29,12 +30,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # -- decoding --------------------------------------------------------------------------------------
+class UndecodableError(ValueError):
+  """A file that is not an image (corrupt, truncated): skipped and counted, unlike a wrong label."""
+
+
 def decode_rgb(data, key: str) -> np.ndarray:
   """Encoded bytes or a decoded uint8 array -> uint8 (H, W, 3) RGB."""
   try:
     return np.asarray(transforms.to_rgb(data))
   except transforms.DECODE_ERRORS as e:
-    raise ValueError(f'{key}: cannot decode the image ({e})') from e
+    raise UndecodableError(f'{key}: cannot decode the image ({e})') from e
 
 
 def decode_label(data, key: str) -> np.ndarray:
@@ -47,7 +52,7 @@ def decode_label(data, key: str) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as image:
       mode, stored = image.mode, np.asarray(image)
   except transforms.DECODE_ERRORS as e:
-    raise ValueError(f'{key}: cannot decode the label ({e})') from e
+    raise UndecodableError(f'{key}: cannot decode the label ({e})') from e
   # 'P' (palette) PNGs store class indices too; their palette is only for viewing.
   if mode not in ('L', 'P'):
     raise ValueError(f'{key}: label PNG has mode {mode}; expected a single-channel (L or P) PNG of '
@@ -56,18 +61,29 @@ def decode_label(data, key: str) -> np.ndarray:
 
 
 class DecodeExample(grain.transforms.Map):
-  """Source record -> {'image': uint8 (H, W, 3), 'mask': uint8 (H, W) classes or 255}; checks sizes."""
+  """Source record -> {'image': uint8 (H, W, 3), 'mask': uint8 (H, W) classes or 255, 'skipped': int32}.
+
+  As in classification, a corrupt file must not stop a long run: an image or label that cannot be
+  decoded is logged with its name and replaced by a 1-pixel stand-in labelled IGNORE_INDEX, which
+  adds nothing to the loss or the metric, with 'skipped' 1 (else 0) for the trainer and the evaluation
+  to count. A label that decodes but breaks the dataset's conventions (size, mode, values) still fails.
+  """
 
   def __init__(self, label_map: LabelMap):
     self.label_map = label_map
 
   def map(self, record: dict) -> dict:
-    image = decode_rgb(record['image'], record['key'])
-    stored = decode_label(record['mask'], record['mask_key'])
+    try:
+      image = decode_rgb(record['image'], record['key'])
+      stored = decode_label(record['mask'], record['mask_key'])
+    except UndecodableError as e:
+      logging.warning('Skipping a corrupt example: %s', e)
+      return {'image': np.zeros((1, 1, 3), np.uint8), 'mask': np.full((1, 1), IGNORE_INDEX, np.uint8),
+              'skipped': np.int32(1)}
     if image.shape[:2] != stored.shape:
       raise ValueError(f'{record["mask_key"]}: label is {stored.shape[0]}x{stored.shape[1]} but image '
                        f'{record["key"]} is {image.shape[0]}x{image.shape[1]}; expected the same size')
-    return {'image': image, 'mask': self.label_map(stored, record['mask_key'])}
+    return {'image': image, 'mask': self.label_map(stored, record['mask_key']), 'skipped': np.int32(0)}
 
 
 # -- geometry --------------------------------------------------------------------------------------
@@ -104,7 +120,7 @@ class RandomResize(grain.transforms.RandomMap):
     ratio = rng.uniform(*self.ratio_range)
     target = (int(self.scale[0] * ratio), int(self.scale[1] * ratio))
     size = fit_size(*example['mask'].shape, target)
-    return {'image': resize_image(example['image'], size), 'mask': resize_label(example['mask'], size)}
+    return {**example, 'image': resize_image(example['image'], size), 'mask': resize_label(example['mask'], size)}
 
 
 class RandomCrop(grain.transforms.RandomMap):
@@ -130,7 +146,7 @@ class RandomCrop(grain.transforms.RandomMap):
         if self._balanced(mask[top:top + c, left:left + c]):
           break
         top, left = self._corner(mask.shape, rng)
-    return {'image': example['image'][top:top + c, left:left + c],
+    return {**example, 'image': example['image'][top:top + c, left:left + c],
             'mask': mask[top:top + c, left:left + c]}
 
 
@@ -142,7 +158,7 @@ class RandomFlip(grain.transforms.RandomMap):
 
   def random_map(self, example: dict, rng: np.random.Generator) -> dict:
     if rng.random() < self.prob:
-      return {'image': example['image'][:, ::-1], 'mask': example['mask'][:, ::-1]}
+      return {**example, 'image': example['image'][:, ::-1], 'mask': example['mask'][:, ::-1]}
     return example
 
 
@@ -198,7 +214,7 @@ class PhotoMetricDistortion(grain.transforms.RandomMap):
       image = hsv_to_rgb(hsv)
     if not contrast_first:
       image = self._contrast(image, rng)
-    return {'image': image.astype(np.float32), 'mask': example['mask']}
+    return {**example, 'image': image.astype(np.float32)}
 
 
 # -- output ----------------------------------------------------------------------------------------
@@ -210,7 +226,7 @@ class NormalizeAndPad(grain.transforms.Map):
 
   def map(self, example: dict) -> dict:
     size = (self.size, self.size)
-    return {'image': pad_bottom_right(normalize(example['image']), size, 0.0),
+    return {**example, 'image': pad_bottom_right(normalize(example['image']), size, 0.0),
             'mask': pad_bottom_right(example['mask'], size, IGNORE_INDEX).astype(np.int32)}
 
 
@@ -229,7 +245,8 @@ class EvalResizeAndPad(grain.transforms.Map):
     return {'image': pad_bottom_right(normalize(resize_image(image, (h, w))), padded, 0.0),
             'valid_size': np.array([h, w], np.int32),
             'label': label.astype(np.int32),
-            'original_image': image}
+            'original_image': image,
+            'skipped': example['skipped']}
 
 
 def train_transforms(label_map: LabelMap, *, crop_size: int, scale, ratio_range,

@@ -20,8 +20,9 @@ from absl import logging
 from PIL import Image, ImageEnhance, ImageOps
 
 INTERPOLATIONS = {'bilinear': Image.BILINEAR, 'bicubic': Image.BICUBIC}
-# timm's 'random' interpolation: each resize picks one of these.
-RANDOM_INTERPOLATION = (Image.BILINEAR, Image.BICUBIC)
+# timm's 'random' interpolation: each resize picks one of the above.
+RANDOM_INTERPOLATION = tuple(INTERPOLATIONS.values())
+INTERPOLATION_NAMES = (*INTERPOLATIONS, 'random')  # what aug.interpolation may be
 # What PIL raises on truncated, corrupt or absurdly large files.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-IGNORE_INDEX = 255
+from locatvit_jax.data.seg_sources import IGNORE_INDEX
 
 
 @functools.partial(jax.jit, static_argnames=('num_classes', 'ignore_index'))

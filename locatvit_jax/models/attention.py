@@ -5,7 +5,8 @@ softmax are float32; the matmuls take the inputs' dtype.
 
 Implementations of GAug attention (`gaug_impl` in the model config); all compute the same function
 to float32 rounding (tests/test_attention.py):
-* `dense`: materialises S (B, H, N, N), adds it to the logits, plain autodiff. The reference.
+* `dense`: materialises S (B, H, N, N), adds it to the logits, plain autodiff. The reference, and
+  what a model's attention runs when asked to expose its probabilities (vit.Attention.sow_attention).
 * `fused`: one custom VJP around the whole attention. S is built from the two per-query 1-D
   Gaussians inside the exp, and the softmax subtracts the bound `max_j logits_ij + alpha_i`
   (>= the row max, since 0 <= S_ij <= alpha_i), so S is evaluated once. The backward keeps one
@@ -41,21 +42,19 @@ BLOCKWISE_BLOCKS = (512, 8192)
 MASKED = -0.7 * float(np.finfo(np.float32).max)
 
 
-def default_gaug_impl(backend: str) -> str:
-  """The GAug implementation to use on a JAX backend ('cpu', 'gpu', 'tpu')."""
-  # `fused` gives the fastest LocAtViT-Ti train step at 224 px on CPU (benchmarks/train_step.py);
-  # `blockwise` is the one to pick when memory matters (512 px and up). The Pallas kernels lower to
-  # Triton but have not been compiled and timed on a GPU yet, and have no Mosaic (TPU) layout.
-  defaults = {'cpu': 'fused', 'gpu': 'fused', 'tpu': 'fused'}
-  if backend not in defaults:
-    raise ValueError(f'backend={backend!r}; expected one of {tuple(defaults)}')
-  return defaults[backend]
+def probabilities(q, k, bias=None):
+  """softmax(q k^T + bias) over the keys: (B, H, N, N) float32. `bias` (B, H, N, N) or None."""
+  logits = jnp.einsum('bhqd,bhkd->bhqk', q, k).astype(jnp.float32)
+  return jax.nn.softmax(logits if bias is None else logits + bias, axis=-1)
+
+
+def attend(p, v):
+  """The values mixed by the probabilities p (B, H, N, N), in v's dtype."""
+  return jnp.einsum('bhqk,bhkd->bhqd', p.astype(v.dtype), v)
 
 
 def plain_attention(q, k, v):
-  logits = jnp.einsum('bhqd,bhkd->bhqk', q, k).astype(jnp.float32)
-  p = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum('bhqk,bhkd->bhqd', p, v)
+  return attend(probabilities(q, k), v)
 
 
 def gaug_attention(q, k, v, var, alpha, *, grid, geometry, num_prefix, impl, blocks=None):
@@ -71,9 +70,7 @@ def gaug_attention(q, k, v, var, alpha, *, grid, geometry, num_prefix, impl, blo
   if blocks is not None and (len(blocks) != 2 or min(blocks) <= 0):
     raise ValueError(f'blocks={blocks}; expected two positive tile sizes (queries, keys)')
   if impl == 'dense':
-    logits = jnp.einsum('bhqd,bhkd->bhqk', q, k).astype(jnp.float32)
-    p = jax.nn.softmax(logits + locat.dense_bias(var, alpha, grid, geometry, num_prefix), axis=-1)
-    return jnp.einsum('bhqk,bhkd->bhqd', p.astype(v.dtype), v)
+    return attend(probabilities(q, k, locat.dense_bias(var, alpha, grid, geometry, num_prefix)), v)
   if impl == 'fused':
     return _fused_attention(q, k, v, var, alpha, tuple(grid), geometry, num_prefix)
   if impl == 'blockwise':

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-IGNORE_INDEX = 255
+from locatvit_jax.data.seg_sources import IGNORE_INDEX
 
 # The spec fixes the head's layers, not their init: PyTorch's Conv2d default, U(+-1/sqrt(fan_in)) for
 # the weights, with zero biases.
@@ -41,6 +41,29 @@ def upsample_logits(logits: jax.Array, size: tuple[int, int]) -> jax.Array:
   interpolate(mode='bilinear', align_corners=False): half-pixel centres, no antialiasing."""
   b, _, _, k = logits.shape
   return jax.image.resize(logits, (b, *size, k), 'bilinear', antialias=False)
+
+
+def logits_at_label_size(patch_logits: jax.Array, input_size: tuple[int, int], valid_size: jax.Array,
+                         label_size: jax.Array, canvas: tuple[int, int]) -> jax.Array:
+  """The whole-image evaluation's geometry for one image: (h', w', K) logits at the patch grid of an
+  input padded bottom/right to `input_size` (static) -> logits at the original label's pixels.
+
+  The logits are upsampled to the padded input (as in training), and its valid region, the resized
+  image of size `valid_size` (h, w), is resized bilinearly to `label_size` (H, W) as PyTorch's
+  interpolate(align_corners=False) does: half-pixel centres, edges clamped, no antialiasing.
+  valid_size and label_size are traced int32 (2,) arrays, so one compilation serves every image with
+  the same padded input and `canvas` (static, >= (H, W)): the result is (canvas[0], canvas[1], K), of
+  which [:H, :W] are the label's pixels. Every resize of evaluation logits happens here.
+  """
+  logits = upsample_logits(patch_logits[None], input_size)[0]
+  # Replicate the last valid row/column into the padding: bilinear taps past the valid region then
+  # read its edge, which is PyTorch's clamping.
+  rows = jnp.minimum(jnp.arange(input_size[0]), valid_size[0] - 1)
+  cols = jnp.minimum(jnp.arange(input_size[1]), valid_size[1] - 1)
+  logits = logits[rows][:, cols]
+  scale = label_size.astype(jnp.float32) / valid_size.astype(jnp.float32)
+  return jax.image.scale_and_translate(logits, (*canvas, logits.shape[-1]), (0, 1), scale, jnp.zeros(2),
+                                       'linear', antialias=False)
 
 
 def segmentation_loss(logits: jax.Array, mask: jax.Array, ignore_index: int = IGNORE_INDEX) -> jax.Array:

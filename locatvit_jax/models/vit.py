@@ -68,7 +68,8 @@ REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
     'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+# No float16: the reference caps its distances for fp16, which this port does not reproduce.
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def _pair(x) -> tuple[int, int]:
@@ -88,16 +89,20 @@ class ViTConfig:
   num_classes: int = 1000  # 0: no head, the model returns pooled features
   gaug: bool = True
   prr: bool = True
-  pool: str = 'token'  # 'token' (class token) | 'gap' (mean of patch tokens, no class token)
+  pool: str = 'token'  # 'token' (class token) | 'gap' (mean of patch tokens, then the final norm)
+  # None: exactly when pool='token'. timm's GAP ViTs may keep one: it attends but is not pooled.
+  class_token: bool | None = None
   pos_embed: str = 'learn'  # 'learn' | 'none'
   reg_tokens: int = 0
   drop_path: float = 0.0  # the last block's rate; linear from 0 over depth
   dtype: str = 'float32'  # matmul dtype; params, norms, GAug and softmax stay float32
-  gaug_impl: str = 'fused'  # see models/attention.py
+  gaug_impl: str = 'fused'  # models/attention.py; fused trains fastest at 224 px on CPU (benchmarks)
   remat: str = 'none'  # see REMAT_POLICIES
 
   def __post_init__(self):
     object.__setattr__(self, 'img_size', _pair(self.img_size))
+    if self.class_token is None:
+      object.__setattr__(self, 'class_token', self.pool == 'token')
     positive = {'width': self.width, 'depth': self.depth, 'num_heads': self.num_heads,
                 'mlp_dim': self.mlp_dim, 'patch_size': self.patch_size,
                 'img_size': min(self.img_size)}
@@ -107,6 +112,7 @@ class ViTConfig:
     checks = [
         (self.width % self.num_heads == 0, f'width={self.width} must be a multiple of num_heads={self.num_heads}'),
         (self.pool in ('token', 'gap'), f"pool={self.pool!r}; expected 'token' or 'gap'"),
+        (self.class_token or self.pool != 'token', "pool='token' needs class_token=True: it pools the class token"),
         (self.pos_embed in ('learn', 'none'), f"pos_embed={self.pos_embed!r}; expected 'learn' or 'none'"),
         (self.dtype in DTYPES, f'dtype={self.dtype!r}; expected one of {tuple(DTYPES)}'),
         (self.gaug_impl in attention.GAUG_IMPLS, f'gaug_impl={self.gaug_impl!r}; expected one of {attention.GAUG_IMPLS}'),
@@ -127,7 +133,7 @@ class ViTConfig:
 
   @property
   def num_prefix(self) -> int:
-    return (1 if self.pool == 'token' else 0) + self.reg_tokens
+    return int(self.class_token) + self.reg_tokens
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=1)
@@ -155,6 +161,15 @@ def model_config(name: str, **overrides) -> ViTConfig:
   return ViTConfig.from_dict(base)
 
 
+def check_layers(layers: Sequence[int], depth: int) -> list[int]:
+  """Block indices, negative ones counted from the end, as 0..depth-1; at least one."""
+  bad = [l for l in layers if not -depth <= l < depth]
+  if bad or not layers:
+    raise ValueError(f'layers {list(layers)}; expected block indices in -{depth}..{depth - 1} '
+                     f'(the model has {depth} blocks)')
+  return [l % depth for l in layers]
+
+
 class Mlp(nnx.Module):
 
   def __init__(self, width, hidden, dtype, rngs):
@@ -168,6 +183,12 @@ class Mlp(nnx.Module):
 
 
 class Attention(nnx.Module):
+  """Multi-head self-attention, with the GAug bias when cfg.gaug.
+
+  For inspection (viz), `nnx.view(model, sow_attention=True)` makes it compute attention densely and
+  sow, as nnx.Intermediate, what it computed: 'probs' (B, H, N, N), the softmax over all tokens, and
+  with GAug the patch queries' 'var' (B, H, hw, 2), 'alpha' (B, H, hw) and 'bias' S (B, H, hw, hw).
+  """
 
   def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs):
     dtype = DTYPES[cfg.dtype]
@@ -181,21 +202,44 @@ class Attention(nnx.Module):
     self.gaug = locat.GAug(cfg.width // cfg.num_heads, self.geometry, rngs=rngs) if cfg.gaug else None
     # Set by the trainer (model.set_attributes(collect_stats=True)) to sow mean GAug var/alpha.
     self.collect_stats = False
+    self.sow_attention = False  # set with nnx.view (class docstring)
+
+  def set_view(self, sow_attention: bool | None = None):
+    """Used by nnx.view: `sow_attention` (class docstring)."""
+    if sow_attention is not None:
+      self.sow_attention = sow_attention
 
   def __call__(self, x, grid, num_prefix):
     b, n, c = x.shape
     h, d = self.num_heads, c // self.num_heads
     q, k, v = self.qkv(x).reshape(b, n, 3, h, d).transpose(2, 0, 3, 1, 4)  # 3 x (B, H, N, d)
-    if self.gaug is None:
-      o = attention.plain_attention(q * d ** -0.5, k, v)
-    else:
+    var = alpha = None
+    if self.gaug is not None:
       var, alpha = self.gaug(q[:, :, num_prefix:], grid)  # GAug sees the unscaled queries
       if self.collect_stats:
         self.sow(nnx.Intermediate, 'gaug_var', jnp.mean(var))
         self.sow(nnx.Intermediate, 'gaug_alpha', jnp.mean(alpha))
-      o = attention.gaug_attention(q * d ** -0.5, k, v, var, alpha, grid=grid, geometry=self.geometry,
+    q = q * d ** -0.5
+    if self.sow_attention:
+      o = self._sown_attention(q, k, v, var, alpha, grid, num_prefix)
+    elif self.gaug is None:
+      o = attention.plain_attention(q, k, v)
+    else:
+      o = attention.gaug_attention(q, k, v, var, alpha, grid=grid, geometry=self.geometry,
                                    num_prefix=num_prefix, impl=self.gaug_impl)
     return self.proj(o.transpose(0, 2, 1, 3).reshape(b, n, c))
+
+  def _sown_attention(self, q, k, v, var, alpha, grid, num_prefix):
+    """gaug_impl 'dense' (or plain attention), sowing the probabilities it attends with."""
+    bias = None
+    if var is not None:
+      bias = locat.dense_bias(var, alpha, grid, self.geometry, num_prefix)
+      self.sow(nnx.Intermediate, 'var', var)
+      self.sow(nnx.Intermediate, 'alpha', alpha)
+      self.sow(nnx.Intermediate, 'bias', bias[:, :, num_prefix:, num_prefix:])
+    p = attention.probabilities(q, k, bias)
+    self.sow(nnx.Intermediate, 'probs', p)
+    return attention.attend(p, v)
 
 
 class Block(nnx.Module):
@@ -240,7 +284,7 @@ class ViT(nnx.Module):
     self.patch_embed = nnx.Conv(3, c, kernel_size=(p, p), strides=(p, p), padding='VALID',
                                 kernel_init=init.TRUNC_NORMAL, bias_init=init.ZEROS,
                                 dtype=DTYPES[cfg.dtype], rngs=rngs)
-    self.cls_token = nnx.Param(init.CLS_TOKEN(rngs.params(), (1, 1, c))) if cfg.pool == 'token' else None
+    self.cls_token = nnx.Param(init.CLS_TOKEN(rngs.params(), (1, 1, c))) if cfg.class_token else None
     self.reg_token = nnx.Param(init.CLS_TOKEN(rngs.params(), (1, cfg.reg_tokens, c))) if cfg.reg_tokens else None
     if cfg.pos_embed == 'learn':
       n = cfg.num_prefix + cfg.grid[0] * cfg.grid[1]
@@ -313,16 +357,13 @@ class ViT(nnx.Module):
 
     With `layers` (block indices, negative allowed), a list of such maps, one per listed block.
     """
-    depth = self.cfg.depth
     if layers is None:
       x, grid, _ = self.encode(images)
       return self._to_map(x, grid)
-    idx = [i % depth if -depth <= i < depth else None for i in layers]
-    bad = [l for l, i in zip(layers, idx) if i is None]
-    if bad:
-      raise ValueError(f'layers {bad} out of range; the model has {depth} blocks (0..{depth - 1})')
-    _, grid, taps = self.encode(images, layers=tuple(sorted(set(idx))))
-    by_layer = dict(zip(sorted(set(idx)), taps))
+    idx = check_layers(layers, self.cfg.depth)
+    tapped = tuple(sorted(set(idx)))
+    _, grid, taps = self.encode(images, layers=tapped)
+    by_layer = dict(zip(tapped, taps))
     return [self._to_map(by_layer[i], grid) for i in idx]
 
   def _to_map(self, x, grid):

@@ -37,7 +37,7 @@ def model_config(config) -> vit.ViTConfig:
 # What a checkpoint fixes about the model. Classes, drop path, dtype, attention kernel and remat are
 # the run's (config.model); the input size too (the model resamples its position embedding).
 ARCHITECTURE_FIELDS = ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size', 'gaug', 'prr', 'pool',
-                       'pos_embed', 'reg_tokens')
+                       'class_token', 'pos_embed', 'reg_tokens')
 
 
 def load_init(config, model_cfg: vit.ViTConfig) -> tuple[vit.ViTConfig, dict]:
@@ -130,7 +130,10 @@ def make_train_step(graphdef, config, tx, schedule, num_classes):
       (l, s), g = grad_fn(state['params'], rest, imgs, tgts, jax.random.fold_in(drop_key, i))
       return (jax.tree.map(jnp.add, grads, g), loss + l, jax.tree.map(jnp.add, stats, s)), None
 
-    split = lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:])
+    # Micro-batch i is rows i::accum: each device splits its own rows of the batch-sharded axis
+    # (check_config keeps the per-device batch a multiple of accum), so nothing moves between
+    # devices; consecutive rows (x.reshape((accum, -1) + ...)) would reshard the batch.
+    split = lambda x: jnp.moveaxis(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 1, 0)
     zeros = jax.tree.map(jnp.zeros_like, state['params'])
     (_, stats0), _ = jax.eval_shape(grad_fn, state['params'], rest, split(images)[0], split(targets)[0], drop_key)
     init = (zeros, jnp.zeros(()), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats0))

@@ -49,7 +49,7 @@ def load_model(path, setting: str = 'config.init=', **overrides):
   names the setting which pointed at it (`setting` prefixes the path)."""
   try:
     return loading.load(path, **overrides)
-  except (FileNotFoundError, ValueError) as e:
+  except (FileNotFoundError, ValueError, ImportError) as e:  # ImportError: a .pth without torch
     raise ValueError(f'{setting}{path} cannot be loaded: {e}') from e
 
 

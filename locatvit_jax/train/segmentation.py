@@ -1,15 +1,22 @@
 """Frozen-backbone segmentation finetuning and evaluation (spec section 6), top to bottom.
 
 Sections: config checks -> frozen backbone -> data -> head, optimizer, sharded state (resume or
-init) -> jitted steps -> the loop -> whole-image evaluation (mIoU) and pictures.
+init) -> jitted steps -> the loop -> whole-image evaluation (mIoU) and pictures -> the export.
 
 The backbone comes from `locatvit_jax.load(config.init)`, so our exports, training workdirs and the
 authors' checkpoints all work. Its params are an input of the jitted step, never of the optimizer,
-and its features are computed under stop_gradient: training cannot change them.
+and its features are computed under stop_gradient: training cannot change them. The step hands them
+back, and the trainer evaluates, fingerprints and exports what the steps returned, so a step that
+moved the backbone would show in the export.
+
+The export, WORKDIR/export, has the layout of `checkpoint.save_params`: params/ holds
+{'backbone': ..., 'head': ...} (plain nested dicts of arrays) and model_config.json the run's
+`head_config` (the backbone's ViTConfig fields among them); `load_export` reads it back.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 
@@ -19,9 +26,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 from flax import nnx
 
-from locatvit_jax import checkpoint, paths, sharding, viz
+from locatvit_jax import checkpoint, loading, paths, sharding, viz
 from locatvit_jax.data import seg_pipeline, seg_sources
 from locatvit_jax.evaluators import segmentation as seg_eval
 from locatvit_jax.models import seg_head, vit
@@ -73,7 +81,9 @@ def make_train_step(bb_graphdef, head_graphdef, tx, schedule):
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     new_state = {'step': state['step'] + 1, 'params': jax.tree.map(jnp.add, state['params'], updates),
                  'opt_state': opt_state}
-    return new_state, {'loss': loss, 'lr': schedule(state['step'])}
+    # The backbone leaves as it came (donated, so its buffers are reused, not copied): the trainer
+    # keeps what the step returns.
+    return new_state, bb_params, {'loss': loss, 'lr': schedule(state['step'])}
 
   return train_step
 
@@ -82,46 +92,62 @@ LABEL_BUCKET = 128  # label canvases are rounded up to this, bounding compilatio
 
 
 def make_predict(bb_graphdef, head_graphdef):
-  """Class map of one whole image at its original label size, compiled per size bucket.
+  """predict(head_params, bb_params, bb_rest, image, valid, label_size, canvas): the class map of one
+  whole image (padded bottom/right to the patch multiple) at its original label size."""
+  return functools.partial(_predict, bb_graphdef, head_graphdef)
 
-  The image is padded bottom/right to the patch multiple; logits are upsampled to the padded
-  input, the valid (h, w) region is resized bilinearly to the label size (H, W) with edge
-  clamping as PyTorch's align_corners=False does, and argmax'd. (h, w, H, W) are traced, so
-  one executable serves every image whose padded input and label canvas shapes agree.
-  """
-  def predict(head_params, bb_params, bb_rest, image, valid, label_size, canvas):
-    backbone = nnx.merge(bb_graphdef, bb_params, bb_rest)
-    head = nnx.merge(head_graphdef, head_params)
-    logits = seg_head.upsample_logits(head(backbone.features(image[None])), image.shape[:2])[0]
-    # Replicate the last valid row/column into the padding: bilinear taps past the edge then
-    # read the edge value, which is PyTorch's clamping.
-    rows = jnp.minimum(jnp.arange(logits.shape[0]), valid[0] - 1)
-    cols = jnp.minimum(jnp.arange(logits.shape[1]), valid[1] - 1)
-    logits = logits[rows][:, cols]
-    scale = label_size.astype(jnp.float32) / valid.astype(jnp.float32)
-    resized = jax.image.scale_and_translate(
-        logits, (canvas[0], canvas[1], logits.shape[-1]), (0, 1), scale, jnp.zeros(2), 'linear',
-        antialias=False)
-    return jnp.argmax(resized, -1).astype(jnp.int32)
-  return jax.jit(predict, static_argnames='canvas')
+
+# Module-level, with the graph definitions static: compiled once per model, padded input shape and
+# label canvas bucket in a process, however many runs or evaluations it makes.
+@functools.partial(jax.jit, static_argnums=(0, 1), static_argnames='canvas')
+def _predict(bb_graphdef, head_graphdef, head_params, bb_params, bb_rest, image, valid, label_size, canvas):
+  backbone = nnx.merge(bb_graphdef, bb_params, bb_rest)
+  head = nnx.merge(head_graphdef, head_params)
+  logits = head(backbone.features(image[None]))[0]
+  resized = seg_head.logits_at_label_size(logits, image.shape[:2], valid, label_size, canvas)
+  return jnp.argmax(resized, -1).astype(jnp.int32)
+
+
+def _on_first_local_device(tree):
+  """A copy of the whole value of each array on this process's first device. With several processes
+  (the arrays then span them all) one jitted identity replicates the whole tree first: gathering leaf
+  by leaf would compile once per leaf."""
+  if jax.process_count() > 1:
+    replicated = jax.tree.map(lambda x: NamedSharding(x.sharding.mesh, P()), tree)
+    tree = jax.tree.map(lambda x: x.addressable_data(0), jax.jit(_identity, out_shardings=replicated)(tree))
+  return jax.device_put(tree, jax.local_devices()[0])
+
+
+def _identity(tree):
+  return tree
 
 
 def evaluate(predict, head_params, bb_params, bb_rest, config, source, workdir=None, step=0) -> dict:
-  """Whole-image inference at each image's own size; mIoU from a confusion matrix over all hosts."""
+  """Whole-image inference at each image's own size: mIoU and the rest of segmentation_metrics from
+  one confusion matrix over all hosts, and 'eval_skipped', the corrupt examples left out (all hosts).
+
+  Every process runs its share of the images on its first device, from a copy of the params, with no
+  collective before the sums at the end: processes may hold different numbers and sizes of images.
+  """
+  head_params, bb_params = _on_first_local_device((head_params, bb_params))
+  bb_rest = jax.device_put(bb_rest, jax.local_devices()[0])  # the loaded backbone's, never on the mesh
   acc = seg_eval.ConfusionAccumulator(config.data.num_classes)
-  panels = []
+  panels, skipped = [], 0
   for ex in seg_pipeline.segmentation_eval_examples(
       source, scale=tuple(config.eval_scale), label_map=source.label_map, patch_size=config.patch_size):
+    if ex['skipped']:  # a corrupt image or label, logged by the loader
+      skipped += 1
+      continue
     label = ex['label']
     canvas = tuple(-(-d // LABEL_BUCKET) * LABEL_BUCKET for d in label.shape[:2])
-    pred = predict(head_params, bb_params, bb_rest, jnp.asarray(ex['image']),
-                   jnp.asarray(ex['valid_size'], jnp.int32), jnp.asarray(label.shape[:2], jnp.int32),
-                   canvas=canvas)
+    pred = predict(head_params, bb_params, bb_rest, ex['image'], ex['valid_size'],
+                   np.array(label.shape[:2], np.int32), canvas=canvas)
     pred = np.asarray(pred)[:label.shape[0], :label.shape[1]]
     acc.update(pred, label)
     if workdir and len(panels) < config.num_pictures:
       panels.append((ex['original_image'], label, pred))
   result = seg_eval.segmentation_metrics(acc.result())
+  result['eval_skipped'] = int(np.sum(multihost_utils.process_allgather(np.int32(skipped))))
   if workdir and panels and jax.process_index() == 0:
     images, labels, preds = zip(*panels)
     viz.save_segmentation_panels(paths.path(workdir) / f'segmentation_step{step}.png',
@@ -144,7 +170,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   bb_cfg = backbone.cfg
   check_backbone(config, bb_cfg)
   bb_graphdef, bb_params, bb_rest = nnx.split(backbone, nnx.Param, ...)
-  bb_params = jax.device_put(bb_params, sharding.tree_shardings(bb_params, mesh))
+  bb_shardings = sharding.tree_shardings(bb_params, mesh)
+  bb_params = jax.device_put(bb_params, bb_shardings)
 
   # Data, both splits opened now so that a missing one fails before the first step.
   train_source = seg_sources.segmentation_source(config.data, config.data.train_split)
@@ -175,8 +202,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
 
   batch_sh = sharding.batch_sharding(mesh)
   train_step = jax.jit(make_train_step(bb_graphdef, head_graphdef, tx, schedule),
-                       in_shardings=(shardings, None, repl, batch_sh), out_shardings=(shardings, None),
-                       donate_argnums=0)
+                       in_shardings=(shardings, bb_shardings, repl, batch_sh),
+                       out_shardings=(shardings, bb_shardings, None), donate_argnums=(0, 1))
   predict = make_predict(bb_graphdef, head_graphdef)
   run_eval = lambda state, step: evaluate(predict, state['params'], bb_params, bb_rest, config, eval_source,
                                           workdir, step)
@@ -187,18 +214,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     return result
 
   last_eval = {}
+  skipped = 0
 
   def step_fn(state):
-    state, scalars = train_step(state, bb_params, bb_rest, sharding.to_global(next(train_iter), mesh))
-    return state, scalars, {}
+    nonlocal bb_params, skipped
+    local = next(train_iter)
+    skipped += int(local.pop('skipped').sum())  # corrupt examples in this process's batches
+    state, bb_params, scalars = train_step(state, bb_params, bb_rest, sharding.to_global(local, mesh))
+    return state, scalars, {'data/skipped': skipped}
 
   def evaluate_fn(state, step):
     last_eval.update(run_eval(state, step))
     return {'miou': last_eval['miou'], 'pixel_acc': last_eval['pixel_acc']}
 
-  common.train_loop(state=state, start_step=start_step, total_steps=total, step_fn=step_fn,
-                    evaluate_fn=evaluate_fn, data_iter=train_iter, ckpt=ckpt, record=record,
-                    progress=progress, workdir=workdir, config=config)
+  state, _ = common.train_loop(state=state, start_step=start_step, total_steps=total, step_fn=step_fn,
+                               evaluate_fn=evaluate_fn, data_iter=train_iter, ckpt=ckpt, record=record,
+                               progress=progress, workdir=workdir, config=config)
   ckpt.close()
   if start_step >= total:
     logging.info('%s holds a finished run (step %d of %d): nothing to train.', workdir, start_step, total)
@@ -206,14 +237,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     if result_file.exists():
       return json.loads(paths.read_text(result_file))
     last_eval.update(run_eval(state, total))  # the run stopped between its last checkpoint and this file
-  result = dict(last_eval)
-  result['backbone_sha256'] = params_sha256(bb_params)
+  backbone_params = loading.params_dict(bb_params)
+  result = {**last_eval, 'backbone_sha256': params_sha256(backbone_params)}
+  # Before the result file, which a rerun takes as the sign of a finished run.
+  export = {'backbone': backbone_params, 'head': loading.params_dict(state['params'])}
+  checkpoint.save_params(workdir / 'export', export, ml_collections.ConfigDict(record))
   _log_result(result, total, workdir)
   return result
 
 
+def load_export(path) -> tuple[vit.ViT, seg_head.SegHead]:
+  """The backbone and head of a segmentation export (WORKDIR/export), in evaluation mode:
+  `head(backbone.features(images))` gives the logits at the patch grid."""
+  params = checkpoint.restore_params(path)
+  record, _ = checkpoint.read_model_record(path)
+  backbone = loading.build_model(vit.ViTConfig.from_dict(record['backbone']), params['backbone'])
+  backbone.eval()
+  # Shapes only: the params come from the file.
+  head = nnx.eval_shape(lambda: seg_head.SegHead(backbone.cfg.width, record['num_classes'], hidden=record['hidden'],
+                                                 rngs=nnx.Rngs(0)))
+  head_params = nnx.state(head, nnx.Param)
+  nnx.replace_by_pure_dict(head_params, jax.device_put(params['head']))
+  nnx.update(head, head_params)
+  return backbone, head
+
+
 def params_sha256(params) -> str:
-  """A fingerprint of parameter bytes, in a fixed leaf order: proves the backbone never changed."""
+  """A fingerprint of parameter bytes in leaf order (of the export layout, loading.params_dict, to
+  compare with checkpoint.restore_params): equal to the init checkpoint's, it proves the backbone
+  never changed."""
   digest = hashlib.sha256()
   for leaf in jax.tree.leaves(multihost_utils.process_allgather(params, tiled=True)):
     digest.update(np.ascontiguousarray(leaf).tobytes())

@@ -1,0 +1,87 @@
+"""The entry point on bad settings and inputs: one clear error, and nothing written in the workdir."""
+
+import re
+import types
+
+import pytest
+
+from locatvit_jax import main as entry
+from locatvit_jax.configs import demo as demo_config
+from locatvit_jax.train import common
+from tests import test_loading
+from tests.conftest import tiny_classification_config
+
+
+def test_unknown_task_is_one_error_line_and_exit_status_2(tmp_path, monkeypatch, capsys):
+  config = tiny_classification_config(task='clasification')
+  monkeypatch.setattr(entry, '_CONFIG', types.SimpleNamespace(value=config))
+  monkeypatch.setattr(entry, '_WORKDIR', types.SimpleNamespace(value=str(tmp_path / 'w')))
+  monkeypatch.setattr(entry, 'initialize_distributed', lambda: None)
+  with pytest.raises(SystemExit) as info:
+    entry.main(['locatvit-train'])
+  assert info.value.code == 2
+  out = capsys.readouterr()
+  assert out.err == ("error: config.task='clasification'; expected one of "
+                     "('classification', 'segmentation', 'demo')\n") and out.out == ''
+  assert not (tmp_path / 'w').exists()
+
+
+def test_diverged_run_is_one_error_line_and_exit_status_1(tmp_path, monkeypatch, capsys):
+  def diverge(config, workdir):
+    common.check_finite({'loss': float('nan')}, 7)
+  monkeypatch.setattr(entry, 'run', diverge)
+  monkeypatch.setattr(entry, '_CONFIG', types.SimpleNamespace(value=None))
+  monkeypatch.setattr(entry, '_WORKDIR', types.SimpleNamespace(value=str(tmp_path)))
+  monkeypatch.setattr(entry, 'initialize_distributed', lambda: None)
+  with pytest.raises(SystemExit) as info:
+    entry.main(['locatvit-train'])
+  assert info.value.code == 1
+  err = capsys.readouterr().err
+  assert err.startswith('error: loss is nan at step 7: stopping; the last good checkpoint is kept.')
+  assert err.count('\n') == 1
+
+
+@pytest.mark.parametrize('mode, setting, message', [
+    ('single', 'variant', "config.variant: unknown demo variant 'vitt'"),
+    # 'gap' is a model variant (vit.VARIANTS) that the demo does not report.
+    ('compare', 'compare.variants', "config.compare.variants: unknown demo variant 'vitt', 'gap'"),
+    ('both', 'mode', "config.mode='both'; expected 'single' or 'compare'"),
+], ids=['variant', 'compare_variants', 'mode'])
+def test_bad_demo_setting_fails_before_the_dataset_is_built(tmp_path, mode, setting, message):
+  config = demo_config.get_config('compare' if mode == 'compare' else None)
+  config.data.data_dir = str(tmp_path / 'data')
+  value = {'variant': 'vitt', 'compare.variants': ('vitt', 'vit', 'gap'), 'mode': 'both'}[setting]
+  if setting == 'compare.variants':
+    config.compare.variants = value
+  else:
+    config[setting] = value
+  with pytest.raises(ValueError, match=re.escape(message)):
+    entry.run(config, str(tmp_path / 'w'))
+  assert not (tmp_path / 'w').exists() and not (tmp_path / 'data').exists()
+
+
+@pytest.fixture(scope='module')
+def good_checkpoints(tmp_path_factory):
+  return test_loading.write_good_checkpoints(tmp_path_factory.mktemp('good'))
+
+
+@pytest.mark.parametrize('source, message', [
+    ('model.safetensors', r': not a readable \.safetensors file \(Error while deserializing'),
+    ('export_arrays_cut', r'/params: a damaged or incomplete Orbax checkpoint \(.*Error reading'),
+    ('workdir_metadata_missing', r'/checkpoints/1/state: a damaged or incomplete Orbax checkpoint'),
+    ('segment', r' is a segmentation run \(a head on a frozen backbone\), not a classification model; '
+                r'its backbone is config\.init=/runs/pretrain/export, and .*load_export'),
+], ids=['safetensors', 'export', 'workdir', 'segmentation_run'])
+def test_config_init_that_cannot_be_loaded_is_named(good_checkpoints, image_folder, tmp_path, source, message):
+  if source == 'model.safetensors':
+    init = tmp_path / source
+    init.write_bytes(b'')
+  elif source == 'segment':
+    init = test_loading.write_segmentation_run(tmp_path / source)
+  else:
+    init = test_loading.damaged_copy(good_checkpoints, source, tmp_path)
+  config = tiny_classification_config(str(image_folder), init=str(init))
+  with pytest.raises(ValueError, match=rf'^config\.init={re.escape(str(init))} cannot be loaded: '
+                     rf'{re.escape(str(init))}{message}'):
+    entry.run(config, str(tmp_path / 'w'))
+  assert not (tmp_path / 'w').exists()
