@@ -37,6 +37,7 @@ _FORWARD = flags.DEFINE_bool('forward', False, 'Time the inference forward (dens
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Matmul dtype.')
 _GAUG_IMPL = flags.DEFINE_string('gaug_impl', None, 'GAug implementation (default: the config default).')
 _REMAT = flags.DEFINE_enum('remat', 'none', ['none', 'full', 'dots'], 'Activation checkpointing policy.')
+_DEPTH = flags.DEFINE_integer('depth', None, "Blocks (default: the model's); fewer for a quick check.")
 _NO_CPU_ENV = flags.DEFINE_bool('no_cpu_env', False, 'Do not re-execute under tcmalloc and CPU XLA flags.')
 
 
@@ -60,6 +61,8 @@ def bench_config(model: str):
   config.model.img_size = _SIZE.value
   config.model.dtype = _DTYPE.value
   config.model.remat = _REMAT.value
+  if _DEPTH.value:
+    config.model.depth = _DEPTH.value
   if _GAUG_IMPL.value:
     config.model.gaug_impl = _GAUG_IMPL.value
   config.batch_size = config.eval_batch_size = _BATCH.value
@@ -133,10 +136,12 @@ def main(argv):
   del argv
   cpu_env_reexec()
   import jax
+  from locatvit_jax.models import vit
   primary = Runner(_MODEL.value)
   for _ in range(_STEPS.value):
     primary.step()
-  out = {'model': _MODEL.value, 'size': _SIZE.value, 'batch': _BATCH.value,
+  out = {'model': _MODEL.value, 'depth': _DEPTH.value or vit.model_config(_MODEL.value).depth,
+         'size': _SIZE.value, 'batch': _BATCH.value,
          'mode': 'forward' if _FORWARD.value else 'train_step', 'dtype': _DTYPE.value,
          'remat': _REMAT.value, **primary.result(), 'peak_rss_mb': round(peak_rss_mb(), 1),
          'backend': jax.default_backend(), 'devices': jax.device_count(),

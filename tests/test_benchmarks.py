@@ -13,7 +13,7 @@ ONE_DEVICE = dict(os.environ, XLA_FLAGS='')  # the suite's fake 8 devices would 
 
 
 def bench(*args):
-  done = subprocess.run([sys.executable, '-m', 'benchmarks.train_step', '--size=32', '--batch=2', '--steps=2',
+  done = subprocess.run([sys.executable, '-m', 'benchmarks.train_step', '--size=32', '--depth=2', '--batch=2', '--steps=2',
                          '--warmup=0', '--no_cpu_env', *args], cwd=REPO, env=ONE_DEVICE,
                         capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
@@ -23,6 +23,7 @@ def bench(*args):
 def test_train_step_pair_reports_ratio_and_memory():
   out = bench('--model=locatvit_ti16', '--pair')
   assert out['mode'] == 'train_step' and out['backend'] == 'cpu' and out['cpu_env'] is False
+  assert out['depth'] == 2
   assert out['baseline']['model'] == 'vit_ti16'
   for r in (out, out['baseline']):
     assert r['step_ms'] > 0 and r['xla_temp_mb'] > 0
