@@ -20,9 +20,10 @@ os.environ.setdefault('XLA_FLAGS', f'--xla_force_host_platform_device_count=8 {T
 # One XLA compilation cache for the session, inherited by the subprocesses tests start: the suite
 # compiles the same tiny models' steps many times (new closures, new processes), and on two cores
 # compilation is most of a tiny run. Entries are keyed by the HLO, flags and devices, so a hit is exact.
-_COMPILATION_CACHE = tempfile.mkdtemp(prefix='locatvit_tests_xla_cache_')
-atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', _COMPILATION_CACHE)
+# pytest-xdist's workers inherit the controller's folder; only its creator removes it.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='locatvit_tests_xla_cache_')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 import pytest  # noqa: E402

@@ -264,13 +264,7 @@ def good_checkpoints(tmp_path_factory):
 @pytest.mark.parametrize('to', [[], ['--to-hf']], ids=['orbax', 'hf'])
 def test_cli_on_a_damaged_source_is_one_error_line_and_writes_nothing(good_checkpoints, tmp_path, capsys, source,
                                                                       message, to):
-  if source == 'garbage.safetensors':
-    src = tmp_path / source
-    src.write_bytes(b'not a safetensors file')
-  elif source == 'segment':
-    src = test_loading.write_segmentation_run(tmp_path / source)
-  else:
-    src = test_loading.damaged_copy(good_checkpoints, source, tmp_path)
+  src = test_loading.unloadable(source, good_checkpoints, tmp_path)
   (tmp_path / 'out').mkdir()  # an existing DST folder: what was in it stays as it was
   (tmp_path / 'out' / 'notes.txt').write_text('kept')
   assert convert.main([str(src), str(tmp_path / 'out'), *to]) == 2

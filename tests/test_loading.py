@@ -280,6 +280,17 @@ def damaged_copy(good, name, dst):
   return dst / kind
 
 
+def unloadable(kind, good, dst):
+  """A path at `dst` that load() must refuse: 'garbage.safetensors', 'segment' (a segmentation run)
+  or a damaged copy of `good` (a DAMAGES name)."""
+  if kind == 'garbage.safetensors':
+    (dst / kind).write_bytes(b'not a safetensors file')
+    return dst / kind
+  if kind == 'segment':
+    return write_segmentation_run(dst / kind)
+  return damaged_copy(good, kind, dst)
+
+
 def write_good_checkpoints(root):
   """ROOT/export (a params export) and ROOT/workdir (training checkpoints) of TINY_CFG, to damage copies of."""
   params = random_params(TINY_CFG)

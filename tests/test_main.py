@@ -66,20 +66,14 @@ def good_checkpoints(tmp_path_factory):
 
 
 @pytest.mark.parametrize('source, message', [
-    ('model.safetensors', r': not a readable \.safetensors file \(Error while deserializing'),
+    ('garbage.safetensors', r': not a readable \.safetensors file \(Error while deserializing'),
     ('export_arrays_cut', r'/params: a damaged or incomplete Orbax checkpoint \(.*Error reading'),
     ('workdir_metadata_missing', r'/checkpoints/1/state: a damaged or incomplete Orbax checkpoint'),
     ('segment', r' is a segmentation run \(a head on a frozen backbone\), not a classification model; '
                 r'its backbone is config\.init=/runs/pretrain/export, and .*load_export'),
 ], ids=['safetensors', 'export', 'workdir', 'segmentation_run'])
 def test_config_init_that_cannot_be_loaded_is_named(good_checkpoints, image_folder, tmp_path, source, message):
-  if source == 'model.safetensors':
-    init = tmp_path / source
-    init.write_bytes(b'')
-  elif source == 'segment':
-    init = test_loading.write_segmentation_run(tmp_path / source)
-  else:
-    init = test_loading.damaged_copy(good_checkpoints, source, tmp_path)
+  init = test_loading.unloadable(source, good_checkpoints, tmp_path)
   config = tiny_classification_config(str(image_folder), init=str(init))
   with pytest.raises(ValueError, match=rf'^config\.init={re.escape(str(init))} cannot be loaded: '
                      rf'{re.escape(str(init))}{message}'):
