@@ -1,8 +1,12 @@
 """The authors' timm layout <-> ours: a key map of templates plus per-tensor transforms, and config.json.
 
-    python -m locatvit_jax.convert SRC DST            # official .safetensors/.pth/HF dir -> Orbax params
+    python -m locatvit_jax.convert SRC DST            # official .safetensors/.pth(.tar)/HF dir -> Orbax params
     python -m locatvit_jax.convert SRC DST --to-timm  # any load()-able SRC -> timm .safetensors
     python -m locatvit_jax.convert SRC DIR --to-hf    # any load()-able SRC -> DIR/config.json + model.safetensors
+
+What SRC cannot tell, the flags state: `--prr=true|false` for a state dict without config.json (PRR has
+no parameters), `--ema` for a training checkpoint's EMA weights, and `--trust-pickle` to unpickle the
+authors' training checkpoints (*.pth.tar: they pickle their argparse arguments, which can run code).
 
 A SRC that cannot be loaded (missing, damaged, not a model) or a DST of the wrong kind is one
 `error: ...` line and exit status 2, and nothing is written: SRC is read whole before DST is touched.
@@ -195,9 +199,10 @@ def config_json_fields(fields: dict, hf: dict) -> dict:
 
 
 # -- writers ---------------------------------------------------------------------------------------------
-def to_orbax(src: str, dst: str) -> None:
+# `load_args`: loading.load's keyword arguments (loading.load_flags).
+def to_orbax(src: str, dst: str, **load_args) -> None:
   """Writes the params export of any load()-able checkpoint."""
-  model = loading.load(src)
+  model = loading.load(src, **load_args)
   checkpoint.save_params(dst, loading.get_params(model), model.cfg)
 
 
@@ -208,9 +213,9 @@ def _timm_safetensors(model: vit.ViT) -> bytes:
   return save({k: np.ascontiguousarray(v) for k, v in state.items()})
 
 
-def to_timm(src: str, dst: str) -> None:
+def to_timm(src: str, dst: str, **load_args) -> None:
   """Writes a timm-layout .safetensors that the authors' code loads with load_state_dict."""
-  paths.write_bytes(dst, _timm_safetensors(loading.load(src)))
+  paths.write_bytes(dst, _timm_safetensors(loading.load(src, **load_args)))
 
 
 def write_hf(model: vit.ViT, dst) -> None:
@@ -220,9 +225,9 @@ def write_hf(model: vit.ViT, dst) -> None:
   paths.write_text(dst / 'config.json', json.dumps(hf_config(model.cfg), indent=2) + '\n')
 
 
-def to_hf(src: str, dst: str) -> None:
+def to_hf(src: str, dst: str, **load_args) -> None:
   """Writes the Hugging Face-style folder of any load()-able checkpoint."""
-  write_hf(loading.load(src), dst)
+  write_hf(loading.load(src, **load_args), dst)
 
 
 WRITERS = {'orbax': to_orbax, 'timm': to_timm, 'hf': to_hf}
@@ -245,7 +250,7 @@ def check_destination(dst: str, kind: str) -> None:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog='python -m locatvit_jax.convert', description=__doc__.split('\n\n')[0])
-  parser.add_argument('src', help='official .safetensors/.pth, HF-style dir, or our Orbax checkpoint')
+  parser.add_argument('src', help='official .safetensors/.pth/.pth.tar, HF-style dir, or our Orbax checkpoint')
   parser.add_argument('dst', help='Orbax params directory (default), .safetensors file (--to-timm) '
                       'or Hugging Face-style directory (--to-hf)')
   to = parser.add_mutually_exclusive_group()
@@ -253,10 +258,11 @@ def main(argv=None) -> int:
                   help='write a timm-layout .safetensors instead')
   to.add_argument('--to-hf', action='store_const', dest='kind', const='hf',
                   help='write DST/config.json + DST/model.safetensors (timm layout) instead')
+  loading.add_load_flags(parser)
   args = parser.parse_args(argv)
   try:
     check_destination(args.dst, args.kind)
-    WRITERS[args.kind](args.src, args.dst)
+    WRITERS[args.kind](args.src, args.dst, **loading.load_flags(args))
   except (ValueError, FileNotFoundError, ImportError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2  # bad input, as for locatvit_jax.main, predict and argparse's usage errors

@@ -4,15 +4,20 @@ Accepted paths:
 * our params export: a directory with `params/` (Orbax) and `model_config.json`;
 * our training checkpoints: a workdir, its `checkpoints/` directory, or one step directory of it;
 * the authors' timm-layout state dict as `.safetensors`, or `.pth`/`.pt`/`.bin` (needs torch);
+* the authors' training checkpoints, `*.pth.tar` as timm's CheckpointSaver writes them (needs torch,
+  and trust_pickle=True when they hold train.py's arguments); `ema=True` takes their EMA weights;
 * a Hugging Face-style directory: `config.json` + `model.safetensors` (or `pytorch_model.bin`).
 
 Architecture comes from our `model_config.json`, or is inferred from the tensors (width, depth,
 patch, registers, classes, image size, GAug) and `config.json` (heads, PRR, image size, pooling: see
-convert.hf_config for the keys, in timm's hub format, and the authors' or timm's model names).
+convert.hf_config for the keys, in timm's hub format, and the authors' or timm's model names), or a
+training checkpoint's arguments (model name, pooling, classes, model kwargs). PRR has no parameters:
+where none of these says it, `prr=` must.
 """
 
 from __future__ import annotations
 
+import argparse
 import io
 import math
 import re
@@ -25,7 +30,13 @@ from flax import nnx
 from locatvit_jax import checkpoint, paths
 from locatvit_jax.models.vit import SIZES, ViT, ViTConfig
 
-_TORCH_SUFFIXES = ('.pth', '.pt', '.bin')
+_TORCH_SUFFIXES = ('.pth', '.pt', '.bin', '.pth.tar')  # .pth.tar: timm's CheckpointSaver
+# Where training checkpoints keep their weights, by `ema`: timm's CheckpointSaver's keys, then DeiT's.
+_WEIGHTS_KEYS = {False: ('state_dict', 'model'), True: ('state_dict_ema', 'model_ema')}
+# Key prefixes of wrapped models (DistributedDataParallel, torch.compile), dropped as timm's clean_state_dict does.
+_WRAPPER_PREFIXES = ('module.', '_orig_mod.')
+# How torch.load(weights_only=True) names a global it will not unpickle (torch < 2.4: 'Unsupported class').
+_REFUSED_GLOBAL = re.compile(r'Unsupported (?:global: GLOBAL|class) ([\w.]+)')
 # The keys of the record that segmentation runs keep in place of a ViT config (segmentation.head_config).
 _SEGMENTATION_RECORD = {'init', 'backbone', 'num_classes', 'hidden'}
 
@@ -105,57 +116,116 @@ def _describe(cfg: ViTConfig) -> str:
 
 
 # -- reading the authors' files ------------------------------------------------------------------
-def read_state_dict(path) -> dict[str, np.ndarray]:
-  """A timm state dict from .safetensors (no torch needed) or .pth/.pt/.bin (needs torch), local or gs://."""
+def read_checkpoint(path, *, ema: bool = False, trust_pickle: bool = False) -> tuple[dict[str, np.ndarray], dict]:
+  """(timm state dict, what the file says of the model in config.json's terms) from .safetensors (no torch
+  needed) or .pth/.pt/.bin/.pth.tar (needs torch), local or gs://.
+
+  `ema` takes a training checkpoint's EMA weights. `trust_pickle` lets torch unpickle Python objects besides
+  tensors (timm's training checkpoints hold train.py's argparse.Namespace), which can run code from the file.
+  """
   path = paths.path(path)
-  if path.suffix == '.safetensors':
+  kind = '.pth.tar' if path.name.endswith('.pth.tar') else path.suffix  # its suffix alone is '.tar'
+  if kind == '.safetensors':
+    if ema:
+      raise _no_ema(path)
     from safetensors import SafetensorError
     from safetensors.numpy import load
     try:
-      return load(paths.read_bytes(path))
+      return load(paths.read_bytes(path)), {}
     except SafetensorError as e:
       raise ValueError(f'{path}: not a readable .safetensors file ({e})') from e
-  if path.suffix in _TORCH_SUFFIXES:
-    try:
-      import torch
-    except ImportError as e:
-      raise ImportError(
-          f'reading {path} needs PyTorch, which is not installed: `pip install torch`, or convert it '
-          'to .safetensors where torch is available (safetensors.torch.save_file(sd, "model.safetensors"))'
-      ) from e
-    try:
-      sd = torch.load(io.BytesIO(paths.read_bytes(path)), map_location='cpu', weights_only=True)
-    # Its error types vary with the cause (zip, pickle, unsafe globals) and the torch version.
-    except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(f'{path}: not a PyTorch checkpoint that torch.load reads ({checkpoint.first_line(e)})') from e
-    for key in ('model', 'state_dict', 'model_ema'):  # training checkpoints wrap the state dict
-      if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-        sd = sd[key]
-        break
-    if not (isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values())):
-      raise ValueError(f'{path}: holds a {type(sd).__name__} that is not a state dict; expected tensors by name, '
-                       "at the top or under 'model', 'state_dict' or 'model_ema'")
-    return {k.removeprefix('module.'): v.float().numpy() if v.is_floating_point() else v.numpy()
-            for k, v in sd.items()}
-  raise ValueError(f'{path}: unknown checkpoint file type; expected .safetensors, .pth, .pt or .bin')
+  if kind in _TORCH_SUFFIXES:
+    return _read_torch(path, ema, trust_pickle)
+  raise ValueError(f'{path}: unknown checkpoint file type; expected .safetensors, .pth, .pt, .bin or .pth.tar')
 
 
-def infer_config(state: dict[str, np.ndarray], hf: dict | None = None, **overrides) -> ViTConfig:
+def _read_torch(path, ema: bool, trust_pickle: bool) -> tuple[dict[str, np.ndarray], dict]:
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError(
+        f'reading {path} needs PyTorch, which is not installed: `pip install torch`, or convert it '
+        'to .safetensors where torch is available (safetensors.torch.save_file(sd, "model.safetensors"))'
+    ) from e
+  try:
+    ckpt = torch.load(io.BytesIO(paths.read_bytes(path)), map_location='cpu', weights_only=not trust_pickle)
+  # Its error types vary with the cause (zip, pickle, unsafe globals) and the torch version.
+  except Exception as e:  # pylint: disable=broad-except
+    refused = None if trust_pickle else _REFUSED_GLOBAL.search(str(e))
+    if refused:
+      raise ValueError(f'{path}: pickles {refused[1]} besides tensors (timm training checkpoints keep their '
+                       'argparse arguments so), and unpickling it can run code from the file; if you trust the '
+                       'file, allow it: load(path, trust_pickle=True) or --trust-pickle') from e
+    raise ValueError(f'{path}: not a PyTorch checkpoint that torch.load reads ({checkpoint.first_line(e)})') from e
+  sd = _weights(path, ckpt, ema)
+  if not (isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values())):
+    raise ValueError(f'{path}: holds a {type(sd).__name__} that is not a state dict; expected tensors by name, at '
+                     "the top or under 'state_dict' or 'model' ('state_dict_ema' or 'model_ema' with ema=True)")
+  return ({_unwrapped(k): v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in sd.items()},
+          _training_args(ckpt))
+
+
+def _weights(path, ckpt, ema: bool):
+  """A training checkpoint's state dict of the chosen weights, else the file's own content."""
+  if isinstance(ckpt, dict):
+    key = next((k for k in _WEIGHTS_KEYS[ema] if isinstance(ckpt.get(k), dict)), None)
+    if key:
+      return ckpt[key]
+  if ema:
+    raise _no_ema(path)
+  return ckpt
+
+
+def _no_ema(path) -> ValueError:
+  return ValueError(f"{path}: holds no EMA weights; ema=True reads a PyTorch training checkpoint's "
+                    "'state_dict_ema' (timm) or 'model_ema'")
+
+
+def _unwrapped(key: str) -> str:
+  for prefix in _WRAPPER_PREFIXES:
+    key = key.removeprefix(prefix)
+  return key
+
+
+def _training_args(ckpt) -> dict:
+  """What timm's train.py arguments (CheckpointSaver's 'args') say of the model, in config.json's terms: its
+  name, pooling, classes and constructor kwargs. Not img_size: train.py gives it to the data, not the model."""
+  args = ckpt.get('args') if isinstance(ckpt, dict) else None
+  if not isinstance(args, argparse.Namespace):
+    return {}
+  kwargs = getattr(args, 'model_kwargs', None)
+  said = dict(architecture=getattr(args, 'model', None), global_pool=getattr(args, 'gp', None),
+              num_classes=getattr(args, 'num_classes', None), model_args=kwargs if isinstance(kwargs, dict) else None)
+  return {k: v for k, v in said.items() if v is not None}
+
+
+class UnstatedPRRError(ValueError):
+  """A checkpoint whose files cannot tell whether its model uses PRR (no config, no `prr=`)."""
+
+
+def infer_config(state: dict[str, np.ndarray], hf: dict | None = None, source: str = 'the state dict',
+                 **overrides) -> ViTConfig:
   """Architecture from timm tensor shapes, then what a config.json (`hf`) states, then explicit overrides.
 
   A config.json that contradicts the tensors gives a config they do not fit, which _check_shapes reports.
+  PRR has no parameters, so only `hf` or `overrides` tell it: else a ValueError naming `source`.
   """
   from locatvit_jax import convert  # see _timm_model
 
   fields = convert.config_json_fields(_tensor_fields(state), hf or {})
   fields.update(overrides)
+  if 'prr' not in fields:  # a GAug model may or may not use PRR: the paper ablates both
+    raise UnstatedPRRError(
+        f'{source} does not say whether the model uses PRR, which the tensors cannot tell (it has no parameters); '
+        'state it: load(path, prr=True) or --prr=true (false: no PRR), convert it once (locatvit-convert SRC DIR '
+        '--prr=true), or load a folder whose config.json names a locatvit_* architecture or model_args.prr')
   if 'img_size' not in fields and 'pos_embed' in state:
     fields['img_size'] = _square_image_size(state['pos_embed'], fields)
   return ViTConfig.from_dict(fields)
 
 
 def _tensor_fields(state: dict[str, np.ndarray]) -> dict[str, Any]:
-  """The ViTConfig fields the tensors tell; heads and PRR are guesses a config.json corrects."""
+  """The ViTConfig fields the tensors tell; without GAug, heads are a guess a config.json corrects."""
   for key in ('patch_embed.proj.weight', 'blocks.0.mlp.fc1.weight'):
     if key not in state:
       raise ValueError(f'not a ViT state dict: no {key} among '
@@ -170,7 +240,7 @@ def _tensor_fields(state: dict[str, np.ndarray]) -> dict[str, Any]:
     heads = next((s[2] for s in SIZES.values() if s[0] == width), width // 64)
   return dict(width=width, depth=depth, num_heads=heads, mlp_dim=state['blocks.0.mlp.fc1.weight'].shape[0],
               patch_size=patch, num_classes=state['head.weight'].shape[0] if 'head.weight' in state else 0,
-              gaug=gaug, prr=gaug, pool='gap' if 'fc_norm.weight' in state else 'token',
+              gaug=gaug, pool='gap' if 'fc_norm.weight' in state else 'token',
               class_token='cls_token' in state,  # timm's GAP models may keep one: it attends, unpooled
               pos_embed='learn' if 'pos_embed' in state else 'none',
               reg_tokens=state['reg_token'].shape[1] if 'reg_token' in state else 0, drop_path=0.0)
@@ -185,12 +255,12 @@ def _square_image_size(pos_embed: np.ndarray, fields: dict) -> int:
   return side * fields['patch_size']
 
 
-def _timm_model(state, hf, overrides) -> ViT:
+def _timm_model(state, hf, source, overrides) -> ViT:
   # Imported here: were it imported with the package, `python -m locatvit_jax.convert` would warn
   # that the module it runs is already imported.
   from locatvit_jax import convert
 
-  cfg = infer_config(state, hf, **overrides)
+  cfg = infer_config(state, hf, source, **overrides)
   gap = cfg.pool == 'gap'
   # Checked in the file's own names and layouts, so that errors name the tensors the user has.
   # Zero-stride views give the expected timm shapes without allocating any parameter.
@@ -201,12 +271,13 @@ def _timm_model(state, hf, overrides) -> ViT:
 
 
 # -- the public entry ------------------------------------------------------------------------------
-def load_with_config(path, **overrides) -> ViT:
+def load_with_config(path, *, ema: bool = False, trust_pickle: bool = False, **overrides) -> ViT:
   path = paths.path(path)
   if not path.exists():
     raise FileNotFoundError(f'{path}: no such file or directory')
   if not path.is_dir():
-    return _timm_model(read_state_dict(path), None, overrides)
+    state, said = read_checkpoint(path, ema=ema, trust_pickle=trust_pickle)
+    return _timm_model(state, said, f'{path} (no config.json)', overrides)
   if checkpoint.holds_model(path):
     record, record_file = checkpoint.read_model_record(path)
     if _SEGMENTATION_RECORD <= record.keys():
@@ -217,23 +288,49 @@ def load_with_config(path, **overrides) -> ViT:
       ViTConfig.from_dict(record)
     except (TypeError, ValueError) as e:
       raise ValueError(f'{record_file}: {e}') from e
+    if ema:  # our trainers keep no EMA
+      raise _no_ema(path)
     return build_model(ViTConfig.from_dict({**record, **overrides}), checkpoint.restore_params(path))
   hf_path = path / 'config.json'
   for weights in ('model.safetensors', 'pytorch_model.bin'):
     if (path / weights).exists():
-      hf = checkpoint.read_json(hf_path) if hf_path.exists() else {}
-      return _timm_model(read_state_dict(path / weights), hf, overrides)
+      has_config = hf_path.exists()
+      hf = checkpoint.read_json(hf_path) if has_config else {}
+      state, _ = read_checkpoint(path / weights, ema=ema, trust_pickle=trust_pickle)
+      return _timm_model(state, hf, hf_path if has_config else f'{path} (no config.json)', overrides)
   raise ValueError(f'{path}: found neither params/ + model_config.json, training checkpoints, '
                    'nor config.json + model.safetensors')
 
 
-def load(path, **overrides) -> ViT:
+def load(path, *, ema: bool = False, trust_pickle: bool = False, **overrides) -> ViT:
   """A model in evaluation mode from any supported checkpoint (module docstring).
 
-  `overrides` set ViTConfig fields the files cannot tell (e.g. `prr=False`, `dtype='bfloat16'`).
+  `overrides` set ViTConfig fields the files cannot tell (e.g. `prr=False`, `dtype='bfloat16'`); a state
+  dict without config.json needs `prr`. `ema=True` takes a training checkpoint's EMA weights.
+  `trust_pickle=True` lets torch unpickle a .pth(.tar) that holds Python objects besides tensors (timm's
+  training checkpoints do), which can run code from the file: give it only for files you trust.
   A path that is no such model (damaged, incomplete, a segmentation run) is one ValueError naming the
   file and what is wrong; a missing path is FileNotFoundError, a torch file without torch ImportError.
   """
-  model = load_with_config(path, **overrides)
+  model = load_with_config(path, ema=ema, trust_pickle=trust_pickle, **overrides)
   model.eval()
   return model
+
+
+# -- the command lines' load flags (convert, predict) --------------------------------------------------
+def add_load_flags(parser: argparse.ArgumentParser) -> None:
+  """Flags for what load() cannot read from the files: PRR, EMA and trust."""
+  parser.add_argument('--prr', choices=('true', 'false'),
+                      help='whether the model uses PRR, for a state dict without config.json: PRR has no '
+                      "parameters, so the tensors cannot tell (the authors' LocAtViT: true)")
+  parser.add_argument('--ema', action='store_true',
+                      help="the EMA weights of a training checkpoint (timm's state_dict_ema)")
+  parser.add_argument('--trust-pickle', action='store_true',
+                      help='let torch unpickle a .pth/.pth.tar that holds Python objects besides tensors, as timm '
+                      'training checkpoints (*.pth.tar) do; unpickling can run code: only for files you trust')
+
+
+def load_flags(args: argparse.Namespace) -> dict:
+  """load()'s keyword arguments from the flags of add_load_flags."""
+  stated = {} if args.prr is None else {'prr': args.prr == 'true'}
+  return dict(stated, ema=args.ema, trust_pickle=args.trust_pickle)

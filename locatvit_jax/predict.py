@@ -1,6 +1,7 @@
 """Classify your own images with any checkpoint `locatvit_jax.load` reads.
 
     python -m locatvit_jax.predict --init=CKPT IMAGE [IMAGE ...] [--top=5] [--pictures=DIR]
+                                   [--prr=true|false] [--ema] [--trust-pickle]
 
 prints, per image, its path and then one line per top class, most probable first:
 `  <softmax probability, 4 decimals>  <class name>`. Class names come from class_names.txt beside
@@ -8,6 +9,7 @@ the checkpoint (the classification trainer writes it into its exports when the d
 classes, as image folders do), else ImageNet-1k's names for a 1000-class model, else the class index.
 `--pictures=DIR` also draws, per image, the GAug kernels (models with GAug) and the attention maps
 of a few blocks and query patches into DIR (viz.py). Bad input: one `error: ...` line, exit status 2.
+`--prr`, `--ema` and `--trust-pickle` state what CKPT cannot tell, as for `locatvit_jax.convert`.
 
 `preprocess(images, model)` (also `locatvit_jax.preprocess`) is the model's evaluation transform.
 """
@@ -155,8 +157,8 @@ def read_image(path) -> Image.Image:
     raise ValueError(f'{path}: not a readable image ({e})') from e
 
 
-def load_classifier(init):
-  model = loading.load(init)
+def load_classifier(init, **load_args):
+  model = loading.load(init, **load_args)
   if not model.cfg.num_classes:
     raise ValueError(f'{init} holds a model without a classification head (num_classes=0)')
   return model
@@ -166,7 +168,7 @@ def run(args) -> None:
   if args.top < 1:
     raise ValueError(f'--top={args.top}; expected at least 1')
   images = [read_image(p) for p in args.images]  # a bad file fails before the slow model load
-  model = load_classifier(args.init)
+  model = load_classifier(args.init, **loading.load_flags(args))
   names = class_names(args.init, model.cfg.num_classes)
   batch = preprocess(images, model)
   for i, (path, probs) in enumerate(zip(args.images, probabilities(model, batch))):
@@ -182,9 +184,11 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog='python -m locatvit_jax.predict', description=__doc__.split('\n\n')[0])
   parser.add_argument('images', nargs='+', metavar='IMAGE', help='image files (local or gs://)')
   parser.add_argument('--init', required=True, metavar='CKPT',
-                      help='anything locatvit_jax.load reads: our export or workdir, .safetensors, HF-style dir')
+                      help='anything locatvit_jax.load reads: our export or workdir, .safetensors, .pth(.tar), '
+                      'HF-style dir')
   parser.add_argument('--top', type=int, default=5, help='classes to print per image (default 5)')
   parser.add_argument('--pictures', metavar='DIR', help='also save GAug kernel and attention pictures here')
+  loading.add_load_flags(parser)
   args = parser.parse_args(argv)
   try:
     run(args)

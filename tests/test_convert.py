@@ -15,7 +15,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import locatvit_jax
-from locatvit_jax import checkpoint, convert, loading
+from locatvit_jax import checkpoint, convert, loading, predict
 from locatvit_jax.models import vit
 from tests import test_loading
 from tests.conftest import REPO
@@ -96,7 +96,7 @@ def cli_round_trip(parity_dir, tmp_path_factory):
   """official -> our params export -> timm .safetensors, through the CLI as users run it."""
   tmp = tmp_path_factory.mktemp('cli')
   export, back = tmp / 'export', tmp / 'back.safetensors'
-  for args in ((parity_dir / 'model.safetensors', export), (export, back, '--to-timm')):
+  for args in ((parity_dir / 'model.safetensors', export, '--prr=true'), (export, back, '--to-timm')):
     done = run_cli(*args)
     assert done.returncode == 0, done.stderr
     assert done.stdout == f'wrote {args[1]}\n'
@@ -150,7 +150,7 @@ def test_variants_round_trip_through_the_timm_layout(overrides, tmp_path):
   for path, value in ours.items():
     assert back[path].tobytes() == value.tobytes() and back[path].shape == value.shape, path
   save_file({k: np.ascontiguousarray(v) for k, v in timm.items()}, tmp_path / 'model.safetensors')
-  loaded = locatvit_jax.load(tmp_path / 'model.safetensors')
+  loaded = locatvit_jax.load(tmp_path / 'model.safetensors', prr=True)
   assert loaded.cfg == model.cfg
   jax.tree.map(np.testing.assert_array_equal, loading.get_params(loaded), loading.get_params(model))
 
@@ -247,6 +247,41 @@ def test_cli_errors_are_one_line(args, message, tmp_path, capsys):
   err = capsys.readouterr().err
   assert err.count('\n') == 1 and err.startswith('error: ') and message in err, err
   assert not (tmp_path / 'out').exists() and not (tmp_path / 'out.safetensors').exists()
+
+
+def test_cli_flags_state_what_the_source_cannot_tell(tmp_path, capsys, monkeypatch):
+  """--prr for a state dict without config.json; --trust-pickle and --ema for the authors' training checkpoints."""
+  model = vit.create_model('locatvit_ti16', seed=5, **{**TINY_HF, 'prr': False})
+  bare = test_loading.write_timm(tmp_path / 'gaug_only.safetensors', model)
+  assert convert.main([str(bare), str(tmp_path / 'out')]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f'error: {bare} (no config.json) does not say whether the model uses PRR'), err
+  assert '--prr=true' in err
+  assert not (tmp_path / 'out').exists()
+  assert convert.main([str(bare), str(tmp_path / 'out'), '--prr=false']) == 0
+  assert locatvit_jax.load(tmp_path / 'out').cfg == model.cfg
+
+  monkeypatch.setitem(sys.modules, 'torch', test_loading.fake_torch())
+  ckpt = test_loading.write_torch(tmp_path / 'model_best.pth.tar',
+                                  test_loading.training_checkpoint(model, test_loading.train_args(model.cfg)))
+  assert convert.main([str(ckpt), str(tmp_path / 'hf'), '--to-hf']) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f'error: {ckpt}: pickles argparse.Namespace') and '--trust-pickle' in err
+  assert not (tmp_path / 'hf').exists()
+  assert convert.main([str(ckpt), str(tmp_path / 'hf'), '--to-hf', '--trust-pickle', '--ema']) == 0
+  loaded = locatvit_jax.load(tmp_path / 'hf')
+  assert loaded.cfg == model.cfg
+  test_loading.assert_params(loaded, model, offset=1.0)
+
+
+@pytest.mark.parametrize('cli', [convert, predict], ids=['convert', 'predict'])
+def test_cli_help_documents_the_load_flags(cli, capsys):
+  with pytest.raises(SystemExit):
+    cli.main(['--help'])
+  out = ' '.join(capsys.readouterr().out.split())  # argparse wraps the help text
+  for text in ('--prr {true,false} whether the model uses PRR, for a state dict without config.json', '--ema',
+               '--trust-pickle', 'unpickling can run code'):
+    assert text in out
 
 
 @pytest.fixture(scope='module')

@@ -95,7 +95,7 @@ def test_segmentation_with_init_and_workdir_on_gs(gcs_dir, tmp_path):
 def test_convert_from_and_to_gs_is_bit_identical(gcs_dir, parity_dir):
   official = f'{gcs_dir}/official.safetensors'
   paths.write_bytes(official, (parity_dir / 'model.safetensors').read_bytes())
-  for args in ((official, f'{gcs_dir}/export'), (f'{gcs_dir}/export', f'{gcs_dir}/back.safetensors', '--to-timm')):
+  for args in ((official, f'{gcs_dir}/export', '--prr=true'), (f'{gcs_dir}/export', f'{gcs_dir}/back.safetensors', '--to-timm')):
     done = subprocess.run([sys.executable, '-m', 'locatvit_jax.convert', *args], cwd=REPO, env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

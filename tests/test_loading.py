@@ -1,5 +1,7 @@
 """`load()`: parity with the authors' model, architecture inference, and every way a load can fail."""
 
+import argparse
+import collections
 import json
 import pickle
 import re
@@ -67,7 +69,7 @@ def test_parity_with_the_authors_model(parity_model, reference, resolution):
 
 
 def test_safetensors_file_alone_gives_the_same_model(parity_dir, parity_model, reference):
-  model = locatvit_jax.load(parity_dir / 'model.safetensors')  # no config.json: all from the tensors
+  model = locatvit_jax.load(parity_dir / 'model.safetensors', prr=True)  # no config.json: the rest from the tensors
   assert model.cfg == parity_model.cfg
   jax.tree.map(np.testing.assert_array_equal, loading.get_params(model), loading.get_params(parity_model))
   logits, _ = FORWARD(model, reference['images_224'])
@@ -87,7 +89,7 @@ def test_mismatched_checkpoint_reports_every_tensor_at_once(parity_state, tmp_pa
   state['blocks.7.mlp.fc2.weight'] = np.zeros((192, 100), np.float32)
   save_file(state, tmp_path / 'bad.safetensors')
   with pytest.raises(ValueError) as info:
-    locatvit_jax.load(tmp_path / 'bad.safetensors')
+    locatvit_jax.load(tmp_path / 'bad.safetensors', prr=True)
   message = str(info.value)
   assert '\n' not in message
   assert message.startswith('checkpoint does not fit width=192 depth=12 heads=3 patch=16 classes=10 gaug=True')
@@ -123,8 +125,30 @@ def test_non_square_position_embedding_needs_the_image_size(tmp_path):
   model = tiny_model(img_size=(64, 96))
   path = write_timm(tmp_path / 'wide.safetensors', model)
   with pytest.raises(ValueError, match=r'pos_embed has 24 patch positions, not a square grid; .*img_size='):
+    locatvit_jax.load(path, prr=True)
+  assert locatvit_jax.load(path, prr=True, img_size=(64, 96)).cfg == model.cfg
+
+
+@pytest.mark.parametrize('layout', ['file', 'folder', 'folder_with_config'])
+def test_prr_is_never_guessed(tmp_path, layout):
+  """PRR has no parameters: a GAug model's tensors are the same with it or without (the paper ablates
+  both), so only config.json or `prr=` may say it."""
+  model = tiny_model(prr=False)  # GAug only, which the tensors once passed for full LocAtViT
+  if layout == 'file':
+    path = source = write_timm(tmp_path / 'gaug_only.safetensors', model)
+  else:
+    path = source = tmp_path
+    write_timm(tmp_path / 'model.safetensors', model)
+    if layout == 'folder_with_config':
+      source = tmp_path / 'config.json'
+      source.write_text(json.dumps({'num_classes': 5}))  # no architecture, no model_args.prr
+  with pytest.raises(ValueError) as info:
     locatvit_jax.load(path)
-  assert locatvit_jax.load(path, img_size=(64, 96)).cfg == model.cfg
+  message = str(info.value)
+  assert message.startswith(f'{source}') and '\n' not in message
+  for hint in ('uses PRR, which the tensors cannot tell', 'load(path, prr=True)', '--prr=true', 'config.json'):
+    assert hint in message
+  assert locatvit_jax.load(path, prr=False).cfg == model.cfg
 
 
 # -- config.json -----------------------------------------------------------------------------------
@@ -167,7 +191,8 @@ def test_gap_model_keeps_its_class_token_through_the_hub_format(tmp_path):
 
 
 # -- paths that are not checkpoints -------------------------------------------------------------
-@pytest.mark.parametrize('name', ['model.pth', 'model.pt', 'model.bin', 'hf_dir/pytorch_model.bin'])
+@pytest.mark.parametrize('name', ['model.pth', 'model.pt', 'model.bin', 'model_best.pth.tar',
+                                  'hf_dir/pytorch_model.bin'])
 def test_torch_files_without_torch_say_how_to_proceed(tmp_path, monkeypatch, name):
   path = tmp_path / name
   path.parent.mkdir(exist_ok=True)
@@ -183,7 +208,7 @@ def test_unknown_file_suffix(tmp_path):
   path = tmp_path / 'model.ckpt'
   path.write_bytes(b'')
   with pytest.raises(ValueError, match=r'model\.ckpt: unknown checkpoint file type; expected \.safetensors, '
-                     r'\.pth, \.pt or \.bin'):
+                     r'\.pth, \.pt, \.bin or \.pth\.tar'):
     locatvit_jax.load(path)
 
 
@@ -329,13 +354,124 @@ def test_hf_config_json_that_is_not_json_is_named(tmp_path):
     locatvit_jax.load(tmp_path)
 
 
-def fake_torch(loads):
-  """A stand-in for torch (not installed here) whose torch.load returns or raises `loads`."""
-  def load(*args, **kwargs):
+# -- PyTorch files, through a stand-in for torch (not installed here) -----------------------------------
+class FakeTensor:
+  """What loading uses of torch.Tensor, over a numpy array."""
+
+  def __init__(self, array):
+    self.array = np.asarray(array)
+
+  def __reduce__(self):  # through one allowlisted function, as torch pickles its tensors
+    # Values, not bytes: protocol 2 pickles bytes through a global of its own (_codecs.encode).
+    return rebuild_tensor, (self.array.tolist(), self.array.dtype.str)
+
+  def is_floating_point(self):
+    return self.array.dtype.kind == 'f'
+
+  def float(self):
+    return FakeTensor(self.array.astype(np.float32))
+
+  def numpy(self):
+    return self.array
+
+
+def rebuild_tensor(values, dtype):
+  return FakeTensor(np.asarray(values, dtype))
+
+
+class WeightsOnlyUnpickler(pickle.Unpickler):
+  """torch.load(weights_only=True)'s rule: globals beyond its allowlist (tensors, OrderedDict) are refused,
+  in torch 2.6's words (shortened)."""
+
+  def find_class(self, module, name):
+    if (module, name) in {(__name__, 'rebuild_tensor'), ('collections', 'OrderedDict')}:
+      return super().find_class(module, name)
+    raise pickle.UnpicklingError(
+        'Weights only load failed. This file can still be loaded, to do so you have two options, do those steps '
+        'only if you trust the source of the checkpoint.\n\t(1) ...\n\tWeightsUnpickler error: Unsupported global: '
+        f'GLOBAL {module}.{name} was not an allowed global by default. Please use '
+        f'`torch.serialization.add_safe_globals([{name}])` ... if you trust this class/function.')
+
+
+def fake_torch(loads=None):
+  """A stand-in for torch whose load() returns or raises `loads`; without, it unpickles the file as torch
+  does, refusing with weights_only=True what WeightsOnlyUnpickler refuses. (torch.save writes a zip around
+  the pickle; write_torch writes the pickle alone, which this load reads.)"""
+  def load(f, map_location=None, weights_only=True):
+    del map_location
+    if loads is None:
+      return (WeightsOnlyUnpickler if weights_only else pickle.Unpickler)(f).load()
     if isinstance(loads, Exception):
       raise loads
     return loads
-  return types.SimpleNamespace(load=load, Tensor=np.ndarray)
+  return types.SimpleNamespace(load=load, Tensor=FakeTensor)
+
+
+def write_torch(path, obj):
+  path.write_bytes(pickle.dumps(obj, protocol=2))  # torch.save's protocol
+  return path
+
+
+def torch_state(model, offset=0.0, prefix=''):
+  """`model` as a timm state dict of tensors, as torch keeps it: each weight plus `offset`, each key after `prefix`."""
+  params = loading.flatten(jax.tree.map(np.asarray, loading.get_params(model)))
+  state = convert.ours_to_timm(params, gap=model.cfg.pool == 'gap')
+  return collections.OrderedDict((prefix + k, FakeTensor(v + offset)) for k, v in state.items())
+
+
+def training_checkpoint(model, args=None, ema=True):
+  """What timm's CheckpointSaver writes: with `args` (train.py's argparse.Namespace) and EMA weights (the
+  weights plus 1), keys prefixed as DistributedDataParallel and torch.compile leave them."""
+  ckpt = {'epoch': 9, 'arch': args.model if args else 'locatvit', 'state_dict': torch_state(model, prefix='module.'),
+          'optimizer': {'state': {}, 'param_groups': [{'lr': 1e-3, 'params': [0, 1]}]}, 'version': 2,
+          'metric': 61.5}
+  if ema:
+    ckpt['state_dict_ema'] = torch_state(model, offset=1.0, prefix='_orig_mod.')
+  if args:
+    ckpt['args'] = args
+  return ckpt
+
+
+def train_args(cfg):
+  """timm train.py's arguments for `cfg`: --model NAME --model-kwargs with every setting, as --to-hf's model_args."""
+  return argparse.Namespace(model=convert.architecture(cfg), gp=None, num_classes=cfg.num_classes, img_size=None,
+                            model_ema=True, model_kwargs=convert.hf_config(cfg)['model_args'])
+
+
+def assert_params(model, want, offset=0.0):
+  jax.tree.map(lambda got, w: np.testing.assert_array_equal(got, np.asarray(w) + offset),
+               loading.get_params(model), loading.get_params(want))
+
+
+def test_training_checkpoint_loads_only_when_trusted_and_its_args_tell_the_model(tmp_path, monkeypatch):
+  """timm's train.py checkpoints pickle its argparse.Namespace, which torch.load(weights_only=True) refuses.
+  Trusted, the arguments give the model's name (so PRR is on) and kwargs (the heads, which tensors without
+  GAug cannot tell)."""
+  monkeypatch.setitem(sys.modules, 'torch', fake_torch())
+  model = tiny_model(gaug=False)  # the PRR-only ablation: the tensors tell neither PRR nor the heads
+  args = argparse.Namespace(model='locatvit_tiny', gp=None, num_classes=5, img_size=None, model_ema=True,
+                            model_kwargs=dict(embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0, gaug=False))
+  path = write_torch(tmp_path / 'model_best.pth.tar', training_checkpoint(model, args))
+  with pytest.raises(ValueError) as info:
+    locatvit_jax.load(path)
+  message = str(info.value)
+  assert message.startswith(f'{path}: pickles argparse.Namespace besides tensors') and '\n' not in message
+  for hint in ('can run code', 'load(path, trust_pickle=True)', '--trust-pickle'):
+    assert hint in message
+  trusted = locatvit_jax.load(path, trust_pickle=True)
+  assert trusted.cfg == model.cfg
+  assert_params(trusted, model)
+  assert_params(locatvit_jax.load(path, trust_pickle=True, ema=True), model, offset=1.0)
+
+
+def test_ema_is_read_only_where_there_is_one(tmp_path, monkeypatch, good_checkpoints):
+  monkeypatch.setitem(sys.modules, 'torch', fake_torch())
+  model = tiny_model()
+  last = write_torch(tmp_path / 'last.pth.tar', training_checkpoint(model, ema=False))
+  assert_params(locatvit_jax.load(last, prr=True), model)  # no args, no other objects: read untrusted
+  for path in (last, write_timm(tmp_path / 'model.safetensors', model), good_checkpoints / 'export'):
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: holds no EMA weights; ema=True reads"):
+      locatvit_jax.load(path, prr=True, ema=True)
 
 
 @pytest.mark.parametrize('loads, message', [

@@ -5,6 +5,7 @@ import types
 
 import pytest
 
+from locatvit_jax import convert, paths
 from locatvit_jax import main as entry
 from locatvit_jax.configs import demo as demo_config
 from locatvit_jax.train import common
@@ -79,3 +80,15 @@ def test_config_init_that_cannot_be_loaded_is_named(good_checkpoints, image_fold
                      rf'{re.escape(str(init))}{message}'):
     entry.run(config, str(tmp_path / 'w'))
   assert not (tmp_path / 'w').exists()
+
+
+def test_config_init_takes_prr_from_the_config_only_where_the_file_cannot_tell(tmp_path):
+  bare = tmp_path / 'bare.safetensors'
+  paths.write_bytes(bare, convert._timm_safetensors(test_loading.tiny_model()))
+  with pytest.raises(ValueError, match=rf'^config\.init={re.escape(str(bare))} cannot be loaded: .*does not say '
+                     'whether the model uses PRR'):
+    common.load_model(bare)
+  assert common.load_model(bare, prr_if_unstated=False).cfg.prr is False
+  assert common.load_model(bare, prr_if_unstated=True).cfg.prr is True
+  convert.write_hf(test_loading.tiny_model(prr=False), tmp_path / 'hf')  # its config.json says prr=False
+  assert common.load_model(tmp_path / 'hf', prr_if_unstated=True).cfg.prr is False

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from locatvit_jax import loading
+from locatvit_jax.configs import common
 from locatvit_jax.models import locat, vit
 from tests.conftest import shared_fixture
 
@@ -273,6 +274,29 @@ def test_variants_match_the_authors_outputs(name):
     logits, feats = FORWARD(model, ref[f'images_{res}'])
     assert relative_error(logits, ref[f'logits_{res}']) < 1e-5, res
     assert relative_error(feats, ref[f'features_{res}']) < 1e-5, res
+
+
+def test_patch_embedding_starts_as_pytorchs_conv_default():
+  # timm's ViT init leaves the patch conv alone: PyTorch's default, weight and bias U(+-1/sqrt(fan_in)).
+  params = vit.create_model('vit_s16', depth=1, mlp_dim=8, num_classes=0, seed=3).patch_embed
+  bound = (3 * 16 * 16) ** -0.5
+  for p, tol in ((params.kernel[...], 0.01), (params.bias[...], 0.15)):  # 295k and 384 draws
+    x = np.asarray(p).ravel()
+    assert np.abs(x).max() <= bound and np.abs(x).max() > 0.95 * bound
+    assert abs(x.std() / (bound / np.sqrt(3)) - 1) < tol
+    assert abs(np.mean(np.abs(x) < bound / 2) - 0.5) < 2 * tol  # uniform: half the mass in the inner half
+
+
+@pytest.mark.parametrize('variant', ['gap', 'locat_gap'])
+def test_gap_variants_keep_an_unpooled_class_token_as_the_authors_ran_them(variant):
+  # The authors' GAP ablation is timm's --gp avg: the class token stays (it attends and has a position
+  # row) but the head reads the mean of the patch tokens.
+  config = common.classification_config('ti', variant)
+  cfg = vit.model_config(config.model_name, **config.model.to_dict())
+  assert (cfg.pool, cfg.class_token, cfg.num_prefix) == ('gap', True, 1)
+  assert cfg.gaug == cfg.prr == (variant == 'locat_gap')
+  no_token = vit.model_config(config.model_name, **{**config.model.to_dict(), 'class_token': False})
+  assert no_token.num_prefix == 0  # still available as a switch
 
 
 def test_prr_changes_logits_never_features(tiny):

@@ -13,6 +13,7 @@ import locatvit_jax
 from locatvit_jax import checkpoint, predict
 from locatvit_jax.data import pipeline, sources
 from locatvit_jax.train import classification
+from tests import test_loading
 from tests.conftest import REPO, tiny_classification_config
 
 TINY = dict(width=32, depth=2, num_heads=2, mlp_dim=64)
@@ -155,6 +156,25 @@ def test_trainer_exports_name_the_folder_classes(image_folder, tmp_path):
     written = (tmp_path / export / checkpoint.CLASS_NAMES_FILE).read_text()
     assert written == ''.join(f'class_{c}\n' for c in range(4)), export
   assert predict.class_names(tmp_path / 'export', 4) == [f'class_{c}' for c in range(4)]
+
+
+def test_cli_flags_state_what_the_checkpoint_cannot_tell(tmp_path, image_files, capsys, monkeypatch):
+  """--prr for a state dict without config.json; --trust-pickle and --ema for the authors' training checkpoints."""
+  model = tiny_model(img_size=32)
+  bare = test_loading.write_timm(tmp_path / 'model.safetensors', model)
+  monkeypatch.setitem(sys.modules, 'torch', test_loading.fake_torch())
+  ckpt = test_loading.write_torch(tmp_path / 'model_best.pth.tar',
+                                  test_loading.training_checkpoint(model, test_loading.train_args(model.cfg)))
+  image = str(image_files[0])
+  for init, hint in ((bare, '--prr=true'), (ckpt, '--trust-pickle')):
+    assert predict.main([f'--init={init}', image]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f'error: {init}') and err.count('\n') == 1 and hint in err, err
+  for init, flags, load_args in ((bare, ['--prr=true'], dict(prr=True)),
+                                 (ckpt, ['--trust-pickle', '--ema'], dict(trust_pickle=True, ema=True))):
+    assert predict.main([f'--init={init}', *flags, image, '--top=2']) == 0
+    want = expected_lines(locatvit_jax.load(init, **load_args), image_files[:1], None, 2)
+    assert_printed(capsys.readouterr().out.splitlines(), want)
 
 
 def bad_inputs(tmp_path, export, image):

@@ -1,9 +1,9 @@
 """Segmentation data: layouts, label conventions, image/label alignment, crops, loaders, bad data."""
 
-import colorsys
 import io
 import os
 
+import cv2
 import ml_collections
 import numpy as np
 import pytest
@@ -191,9 +191,14 @@ def test_geometric_train_steps_keep_image_and_label_aligned():
     assert ex['image'].dtype == np.float32 and ex['mask'].dtype == np.int32
     rgb = (ex['image'] * seg_transforms.IMAGENET_STD + seg_transforms.IMAGENET_MEAN) * 255
     match = np.all(np.abs(rgb[:, :, None] - colours) < 1e-3, -1)  # (32, 32, palette)
-    clean = match.any(-1)
-    assert clean.mean() > 0.3
-    np.testing.assert_array_equal(ex['mask'][clean], classes[match.argmax(-1)][clean])
+    clean, colour = match.any(-1), match.argmax(-1)
+    # Labels are sampled at floor(i * in / out) (mmcv's nearest), the image at pixel centres, so at a
+    # block's edge a label may lag its colour by a pixel: compare where all 3x3 neighbours share a colour.
+    inner = np.zeros_like(clean)
+    inner[1:-1, 1:-1] = np.all([clean[y:y + 30, x:x + 30] & (colour[y:y + 30, x:x + 30] == colour[1:-1, 1:-1])
+                                for y in range(3) for x in range(3)], 0)
+    assert inner.mean() > 0.1  # measured 0.14-0.58 over the seeds; shrunk crops are mostly padding
+    np.testing.assert_array_equal(ex['mask'][inner], classes[colour][inner])
     padded = np.all(np.abs(ex['image']) < 1e-6, -1)
     assert np.all(ex['mask'][padded] == 255)
 
@@ -232,14 +237,81 @@ def test_random_crop_keeps_small_images_whole():
   assert out['image'].shape == (20, 24, 3) and out['mask'].shape == (20, 24)
 
 
-def test_hsv_conversions_match_colorsys():
-  rgb = np.random.default_rng(0).uniform(0, 255, (200, 3)).astype(np.float32)
-  rgb[:3] = [[0, 0, 0], [255, 255, 255], [10, 10, 10]]  # grey: hue and saturation 0
-  hsv = seg_transforms.rgb_to_hsv(rgb)
-  expected = np.array([colorsys.rgb_to_hsv(*(p / 255)) for p in rgb])
-  np.testing.assert_allclose(hsv[:, :2], expected[:, :2], atol=1e-5)
-  np.testing.assert_allclose(hsv[:, 2], expected[:, 2] * 255, atol=1e-3)
-  np.testing.assert_allclose(seg_transforms.hsv_to_rgb(hsv), rgb, atol=1e-3)
+def numpy_bilinear(image, size):
+  """Bilinear resize with half-pixel centres, edges clamped, no antialiasing, in float64."""
+  def axis_weights(n_in, n_out):
+    src = np.maximum((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0.0)
+    lo = np.floor(src).astype(int)
+    m = np.zeros((n_out, n_in))
+    np.add.at(m, (np.arange(n_out), lo), 1 - (src - lo))
+    np.add.at(m, (np.arange(n_out), np.minimum(lo + 1, n_in - 1)), src - lo)
+    return m
+  return np.einsum('ih,hwc,jw->ijc', axis_weights(image.shape[0], size[0]), image.astype(np.float64),
+                   axis_weights(image.shape[1], size[1]))
+
+
+# (h, w), scale -> mmcv.imrescale's size by hand: factor min(long / max(h, w), short / min(h, w)), each
+# side int(side * factor + 0.5). Sides coprime with their new sizes, so floor(i * in / out) is never
+# an exact integer but at 0, where OpenCV's floating point could round either way.
+RESCALE = [((37, 53), (64, 32), (32, 46)),  # factor 32/37: 53 * 32/37 = 45.8 -> 46
+           ((29, 91), (40, 24), (13, 40)),  # factor 40/91: 29 * 40/91 = 12.7 -> 13
+           ((23, 31), (128, 96), (95, 128))]  # factor 128/31: 23 * 128/31 = 94.97 -> 95
+
+
+@pytest.mark.parametrize('shape, scale, size', RESCALE)
+def test_resize_follows_mmcv(shape, scale, size):
+  """mmcv.imrescale with its cv2 backend: images bilinear without antialiasing (within OpenCV's
+  fixed-point rounding), labels by OpenCV's nearest, which takes source pixel floor(i * in / out)."""
+  rng = np.random.default_rng(4)
+  image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+  label = rng.integers(0, 150, shape, dtype=np.uint8)
+  out = seg_transforms.RandomResize(scale, (1.0, 1.0)).random_map({'image': image, 'mask': label}, rng)
+  assert out['image'].shape == (*size, 3) and out['image'].dtype == np.uint8 and out['mask'].shape == size
+  assert np.abs(out['image'] - numpy_bilinear(image, size)).max() <= 1
+  rows, cols = np.arange(size[0]) * shape[0] // size[0], np.arange(size[1]) * shape[1] // size[1]
+  np.testing.assert_array_equal(out['mask'], label[rows][:, cols])
+  example = {'image': image, 'mask': label, 'skipped': np.int32(0)}
+  assert tuple(seg_transforms.EvalResizeAndPad(scale, 16).map(example)['valid_size']) == size
+
+
+class FixedDraws:
+  """Stands in for the random stream: coins from `coins` in turn, each uniform draw `at` of the way
+  along its range, the hue shift `hue`."""
+
+  def __init__(self, coins, at, hue):
+    self.coins, self.at, self.hue = list(coins), at, hue
+
+  def integers(self, low, high=None):
+    return self.coins.pop(0) if high is None else self.hue
+
+  def uniform(self, low, high):
+    return low + self.at * (high - low)
+
+
+def mmseg_convert(x, alpha=1.0, beta=0.0):
+  return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize('contrast_first', [1, 0])
+def test_photometric_distortion_is_mmsegs_in_uint8(contrast_first):
+  """Every step on: mmseg's PhotoMetricDistortion on the BGR image, in uint8 after every step, with
+  OpenCV's uint8 HSV (hue 0-179). Draws at 0.8: brightness +19.2, contrast and saturation x1.3."""
+  image = np.random.default_rng(5).integers(0, 256, (9, 11, 3), dtype=np.uint8)
+  coins = [1, contrast_first, 1, 1, 1]  # brightness, the order, then contrast, saturation and hue each on
+  out = seg_transforms.PhotoMetricDistortion().random_map({'image': image}, FixedDraws(coins, 0.8, -7))['image']
+  bgr = mmseg_convert(image[..., ::-1], beta=19.2)
+  if contrast_first:
+    bgr = mmseg_convert(bgr, alpha=1.3)
+  hsv = cv2.cvtColor(bgr, cv2.COLOR_BGR2HSV)  # saturation: to HSV and back
+  hsv[..., 1] = mmseg_convert(hsv[..., 1], alpha=1.3)
+  bgr = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+  hsv = cv2.cvtColor(bgr, cv2.COLOR_BGR2HSV)  # hue: to HSV and back again
+  hsv[..., 0] = (hsv[..., 0].astype(int) - 7) % 180
+  bgr = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+  if not contrast_first:
+    bgr = mmseg_convert(bgr, alpha=1.3)
+  assert out.dtype == np.uint8
+  np.testing.assert_array_equal(out, bgr[..., ::-1])
 
 
 def test_photometric_distortion_changes_colours_only():
@@ -248,10 +320,9 @@ def test_photometric_distortion_changes_colours_only():
   changed = 0
   for seed in range(8):
     out = distort.random_map({'image': image, 'mask': label}, np.random.default_rng(seed))
-    assert out['image'].dtype == np.float32 and out['image'].shape == image.shape
-    assert out['image'].min() >= 0 and out['image'].max() <= 255
+    assert out['image'].dtype == np.uint8 and out['image'].shape == image.shape
     assert out['mask'] is label
-    changed += not np.allclose(out['image'], image)
+    changed += not np.array_equal(out['image'], image)
     again = distort.random_map({'image': image, 'mask': label}, np.random.default_rng(seed))
     np.testing.assert_array_equal(again['image'], out['image'])
   assert changed >= 6  # each step has probability 1/2; all four skipped has probability 1/16

@@ -1,4 +1,6 @@
-"""Mesh construction, sharding rules, weight-decay mask and the LR schedule."""
+"""Mesh construction, sharding rules, weight-decay mask and the LR schedules."""
+
+import math
 
 import jax
 import ml_collections
@@ -8,7 +10,8 @@ from flax import nnx
 
 import locatvit_jax
 from locatvit_jax import sharding
-from locatvit_jax.train import optim
+from locatvit_jax.configs import common
+from locatvit_jax.train import classification, optim
 
 
 def mesh_cfg(**kw):
@@ -45,13 +48,59 @@ def test_param_rules_shard_fsdp_and_tensor_and_drop_what_does_not_divide():
   assert shardings['pos_embed'].spec == jax.sharding.PartitionSpec(None, None, 'fsdp')
 
 
-def test_decay_mask_only_kernels():
-  model = nnx.eval_shape(lambda: locatvit_jax.create_model('locatvit_ti16', num_classes=10, depth=1))
+def test_decay_mask_is_timms_per_parameter():
+  # timm 1.0.19: no decay for ndim <= 1, biases and no_weight_decay() = pos_embed, cls_token,
+  # dist_token; register tokens and every other matrix are decayed.
+  model = nnx.eval_shape(lambda: locatvit_jax.create_model('locatvit_ti16', num_classes=10, depth=1, reg_tokens=2))
   flat = locatvit_jax.loading.flatten(optim.decay_mask(locatvit_jax.get_params(model)))
-  decayed = sorted(k for k, v in flat.items() if v)
-  assert decayed == sorted(['patch_embed/kernel', 'blocks/0/attn/qkv/kernel', 'blocks/0/attn/proj/kernel',
-                            'blocks/0/attn/gaug/var_proj/kernel', 'blocks/0/attn/gaug/alpha_proj/kernel',
-                            'blocks/0/mlp/fc1/kernel', 'blocks/0/mlp/fc2/kernel', 'head/kernel'])
+  decayed = {'patch_embed/kernel', 'reg_token', 'blocks/0/attn/qkv/kernel', 'blocks/0/attn/proj/kernel',
+             'blocks/0/attn/gaug/var_proj/kernel', 'blocks/0/attn/gaug/alpha_proj/kernel',
+             'blocks/0/mlp/fc1/kernel', 'blocks/0/mlp/fc2/kernel', 'head/kernel'}
+  assert {'cls_token', 'pos_embed', 'patch_embed/bias', 'norm/scale', 'blocks/0/norm1/bias'} <= set(flat)
+  assert flat == {k: k in decayed for k in flat}
+
+
+def test_classification_schedule_is_the_authors_one_cycle():
+  # The authors' OneCycleScheduler per update with their --warmup-lr 1e-7 and --min-lr 1e-7 defaults.
+  config = common.classification_config('ti', None)
+  peak, total, warmup, start, end = 1e-3, 10, 3, 1e-7, 1e-7
+  sched = classification.lr_schedule(config, total, warmup)
+  for t in range(total + 3):
+    if t < warmup:
+      expected = start + t * (peak - start) / warmup
+    elif t < total:
+      expected = peak - (t - warmup) * (peak - end) / (total - warmup)
+    else:
+      expected = end
+    np.testing.assert_allclose(float(sched(t)), expected, rtol=1e-5, err_msg=f'step {t}')  # float32
+
+
+def mmcv_one_cycle_linear(t, max_lr, total, pct_start, div_factor, final_div_factor):
+  """mmcv 1.7's OneCycleLrUpdaterHook (linear, two phases) at iteration t, restated: phase ends at
+  iterations pct_start * total - 1 and total - 1, rates as multiples of max_lr / div_factor."""
+  base = max_lr / div_factor
+  phases = [(pct_start * total - 1, base, max_lr), (total - 1, max_lr, base / final_div_factor)]
+  begin = 0
+  for end_iter, lr0, lr1 in phases:
+    if t <= end_iter:
+      return lr0 + (lr1 - lr0) * (t - begin) / (end_iter - begin)
+    begin = end_iter
+  raise AssertionError(f'iteration {t} is past the schedule')
+
+
+@pytest.mark.parametrize('total, pct_start', [(20, 0.25), (10, 0.25), (8, 0.5)])
+def test_segmentation_schedule_is_mmcv_one_cycle_step_by_step(total, pct_start):
+  # The segmentation config's numbers: lr 1e-3, start lr / 1e4 (div_factor), end start / 1e4.
+  config = common.segmentation_config('ade20k', 'ti')
+  lr = config.optim.lr
+  sched = optim.one_cycle_linear(lr, total, pct_start, lr * config.optim.warmup_init_factor,
+                                 lr * config.optim.end_factor)
+  got = np.array([float(sched(t)) for t in range(total)])
+  expected = [mmcv_one_cycle_linear(t, lr, total, pct_start, 1e4, 1e4) for t in range(total)]
+  np.testing.assert_allclose(got, expected, rtol=2e-6)
+  assert got.argmax() == math.ceil(pct_start * total - 1)
+  with pytest.raises(ValueError, match='pct_start=1.5, total_steps=4'):
+    optim.one_cycle_linear(lr, 4, 1.5, 0.0, 0.0)
 
 
 def test_warmup_then_linear_decay():

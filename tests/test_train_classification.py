@@ -20,6 +20,7 @@ import tensorflow_datasets as tfds
 import locatvit_jax
 from locatvit_jax import main as entry
 from locatvit_jax import checkpoint, loading, metrics, sharding
+from locatvit_jax.configs import common
 from locatvit_jax.train import classification
 from tests.conftest import REPO, export_params, main_cmd, subprocess_env, tiny_classification_config, wait_for
 
@@ -50,7 +51,8 @@ def test_end_to_end_on_mock_imagenet(tmp_path):
 
 
 def test_sharded_training_matches_single_device(tmp_path, image_folder):
-  config = tiny_classification_config(str(image_folder), total_steps=3, checkpoint_every=3)
+  # Mixup groups are per device: groups of 2, the sharded run's 8 / (data 2 x fsdp 2), give both runs the same.
+  config = tiny_classification_config(str(image_folder), total_steps=3, checkpoint_every=3, **{'mixup.group_size': 2})
   single = tmp_path / 'single'
   classification.train_and_evaluate(config, str(single), devices=jax.devices()[:1])
   # Every kind of parallelism at once: batch over data x fsdp, parameters over fsdp and tensor.
@@ -72,10 +74,19 @@ def test_sharded_training_matches_single_device(tmp_path, image_folder):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), pa, pb)
 
 
+def test_mixup_groups_are_the_authors_per_gpu_batches_and_never_span_devices():
+  config = common.classification_config('b', None)  # batch 1024
+  assert classification.mixup_group(config, 4) == 256  # the authors' 4 GPUs x 256
+  assert classification.mixup_group(config, 16) == 64  # a device's share
+  config.grad_accum = 2
+  assert classification.mixup_group(config, 4) == 128  # a device's share of a micro-batch
+
+
 @pytest.mark.parametrize('override, message', [
     (dict(grad_accum=0), 'grad_accum=0; expected an integer >= 1'),
     (dict(checkpoint_every=0), 'checkpoint_every=0; expected an integer >= 1'),
     (dict(log_every=0), 'log_every=0; expected an integer >= 1'),
+    ({'batch_size': 48, 'mixup.group_size': 4}, 'mixup.group_size=4 does not divide the 6 images each device'),
     ({'aug.eval_resize': 24}, r'aug.eval_resize=24 is smaller than img_size=32'),
     ({'data.eval_split': 'validation'}, r"split 'validation': .*/validation does not exist"),
 ])

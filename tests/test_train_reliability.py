@@ -124,16 +124,16 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
 def test_grad_accum_with_remat_matches_one_batch_and_keeps_the_batch_local():
   """grad_accum=2 with remat='dots' gives the updates of one plain step on the same global batch,
   and splits the batch without moving rows between devices."""
-  # Micro-batches draw their own drop path masks, and mixup would flip the batch across devices
-  # (a collective-permute of its own): both off, so accumulation must give the same updates.
-  base = {'model.drop_path': 0.0, 'mixup.mixup_alpha': 0.0, 'mixup.cutmix_alpha': 0.0}
+  # Micro-batches draw their own drop path masks, mixup groups and erased boxes: all off, so
+  # accumulation must give the same updates.
+  base = {'model.drop_path': 0.0, 'mixup.mixup_alpha': 0.0, 'mixup.cutmix_alpha': 0.0, 'aug.erase_prob': 0.0}
   mesh = sharding.make_mesh({'data': 4}, jax.devices()[:4])
   rng = np.random.default_rng(0)
   batches = [sharding.to_global({'image': rng.normal(size=(8, 32, 32, 3)).astype(np.float32),
                                  'label': rng.integers(0, 4, 8).astype(np.int32)}, mesh) for _ in range(3)]
 
   def setup_for(mesh, **overrides):
-    config = tiny_classification_config(**base, **overrides)
+    config = tiny_classification_config(**{**base, **overrides})
     config.data.num_classes = 4
     return classification.build(config, classification.check_config(config, mesh), mesh, 6, 2)
 
@@ -162,3 +162,9 @@ def test_grad_accum_with_remat_matches_one_batch_and_keeps_the_batch_local():
   # Adam divides by sqrt(v): parameters with ~0 gradients amplify float32 noise (measured 4e-6),
   # while a wrong gradient moves them by about the learning rate (1e-3).
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=3e-5), accum_params, params)
+  # Mixup groups and erasing stay in each device's rows (timm mixes each GPU's batch): the step
+  # that mixes and erases moves no rows either.
+  mixing = setup_for(mesh, **{'mixup.mixup_alpha': 0.8, 'mixup.cutmix_alpha': 1.0, 'aug.erase_prob': 0.25})
+  hlo = mixing.train_step.lower(jax.device_put(initial, mixing.shardings), mixing.rest, batches[0]).compile().as_text()
+  for op in ('all-to-all', 'all-gather', 'collective-permute'):
+    assert op not in hlo, f'{op} in the mixing step'

@@ -1,7 +1,9 @@
 """Shared pieces of the configs: the paper's classification and segmentation recipes.
 
 A classification config's argument is a model variant (`configs/vit_b.py:vit`, see
-locatvit_jax.models.vit.VARIANTS): every variant is the same model code with switches.
+locatvit_jax.models.vit.VARIANTS): every variant is the same model code with switches. The GAP
+variants (`:gap`, `:locat_gap`) are the authors' `--gp avg` runs: the class token stays, attending but
+not pooled; `--config.model.class_token=False` removes it.
 """
 
 import ml_collections
@@ -28,8 +30,11 @@ def classification_config(size: str, variant: str | None) -> ml_collections.Conf
       eval_split=ml_collections.config_dict.placeholder(str),  # None: 'validation' (TFDS), 'val' (folder)
       num_classes=1000))
   c.aug = pipeline.default_aug_config()
+  # Mixup/CutMix draw one lambda and one method per group_size images, each mixed with its group's
+  # mirror image: timm mixes each GPU's batch on its own (the authors: 4 GPUs x 256). A group never
+  # spans devices: with fewer images per device and micro-batch, those are the group.
   c.mixup = ml_collections.ConfigDict(dict(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5,
-                                           label_smoothing=0.1))
+                                           label_smoothing=0.1, group_size=256))
   # Grain worker processes per host. A run resumes only with the worker_count it was saved with.
   c.input = ml_collections.ConfigDict(dict(worker_count=16))
 
@@ -42,7 +47,7 @@ def classification_config(size: str, variant: str | None) -> ml_collections.Conf
   c.warmup_steps = 0  # > 0 overrides warmup_epochs
   c.optim = ml_collections.ConfigDict(dict(
       lr=5e-4, lr_base_batch=512, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, grad_clip=5.0,
-      warmup_init_lr=1e-6, end_lr=1e-5))
+      warmup_init_lr=1e-7, end_lr=1e-7))  # the authors' --warmup-lr and --min-lr
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.log_every = 100
@@ -93,6 +98,11 @@ def segmentation_config(dataset: str, arg: str | None) -> ml_collections.ConfigD
   c.eval_scale = scale
   c.ratio_range = (0.5, 2.0)
   c.head_hidden = 512
+  # Each default is the authors' mmseg behaviour; the alternatives are ours (seg_head for both):
+  # 'crop' keeps evaluation logits over the pixels they were computed for, 'labelled' averages the
+  # loss over labelled pixels only.
+  c.eval_geometry = 'reference'  # or 'crop'
+  c.loss_average = 'all'  # or 'labelled'
   c.input = ml_collections.ConfigDict(dict(worker_count=8))
   c.batch_size = 32
   c.total_steps = 20_000

@@ -6,6 +6,7 @@ Command:
 Data: ImageNet as TFDS ArrayRecord (`tfds build imagenet2012 --manual_dir=...`, see README), or any
 image folder with --config.data.kind=folder --config.data.root=DIR (DIR/train/CLASS/*.jpg, DIR/val/...).
 Hardware: a v4-32 TPU pod slice (4 hosts) or 4 nodes x 8 GPUs; global batch 1024.
+Mixup groups: a device's 64 (v4-32) or 32 (GPUs) images; the authors' 4 GPUs mixed 256 (mixup.group_size).
 Expected: ImageNet-1k top-1 ViT-B 80.99 -> LocAtViT-B 82.31; frozen-backbone ADE20K mIoU
 28.40 -> 32.64 (paper, section 7 of the spec).
 """

@@ -6,6 +6,7 @@ Command:
 Data: ImageNet as TFDS ArrayRecord (`tfds build imagenet2012 --manual_dir=...`, see README), or any
 image folder with --config.data.kind=folder --config.data.root=DIR (DIR/train/CLASS/*.jpg, DIR/val/...).
 Hardware: a v4-64 TPU pod slice or 8 nodes x 8 GPUs, with --config.mesh.fsdp=8; global batch 1024.
+Mixup groups: a device's 32 (v4-64) or 16 (GPUs) images; mixup.group_size=256 caps them.
 Expected: the paper reports no L results (Ti and B: see configs/vit_ti.py, configs/vit_b.py).
 """
 

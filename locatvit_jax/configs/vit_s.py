@@ -6,6 +6,7 @@ Command:
 Data: ImageNet as TFDS ArrayRecord (`tfds build imagenet2012 --manual_dir=...`, see README), or any
 image folder with --config.data.kind=folder --config.data.root=DIR (DIR/train/CLASS/*.jpg, DIR/val/...).
 Hardware: one v4-8 TPU VM or 8 GPUs; global batch 1024.
+Mixup groups: 256 images on v4-8, as the authors' per-GPU batch; 128 on 8 GPUs (mixup.group_size).
 Expected: the paper reports no S results (Ti and B: see configs/vit_ti.py, configs/vit_b.py).
 """
 

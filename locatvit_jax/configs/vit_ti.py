@@ -6,6 +6,7 @@ Command:
 Data: ImageNet as TFDS ArrayRecord (`tfds build imagenet2012 --manual_dir=...`, see README), or any
 image folder with --config.data.kind=folder --config.data.root=DIR (DIR/train/CLASS/*.jpg, DIR/val/...).
 Hardware: one v4-8 TPU VM or 8 GPUs (bf16: --config.model.dtype=bfloat16); global batch 1024.
+Mixup groups: 256 images on v4-8, as the authors' per-GPU batch; 128 on 8 GPUs (mixup.group_size).
 Expected: ImageNet-1k top-1 ViT-Ti 72.39 -> LocAtViT-Ti 73.94; frozen-backbone ADE20K mIoU
 17.30 -> 23.47 (paper, section 7 of the spec).
 """

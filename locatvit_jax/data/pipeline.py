@@ -40,7 +40,8 @@ def default_aug_config() -> ml_collections.ConfigDict:
   hflip: horizontal flip probability.
   randaug_num_ops, randaug_magnitude, randaug_magnitude_std, randaug_increasing: timm's
     'rand-m9-mstd0.5-inc1' (2 ops per image; 0 ops turns RandAugment off).
-  erase_prob: random erasing probability (per-pixel N(0, 1) noise, after normalisation).
+  erase_prob: random erasing probability (a box of per-pixel N(0, 1) noise). Applied by the train
+    step to the mixed, normalised batch (train/mixup.py), not by this pipeline.
   mean, std: per-channel normalisation of [0, 1] RGB.
   eval_resize: evaluation resizes the short side to this (bicubic) and centre-crops img_size.
   """

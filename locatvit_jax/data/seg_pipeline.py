@@ -7,9 +7,10 @@ do not depend on the number of workers and a restored iterator continues exactly
 
 Evaluation (mmseg's 'whole' mode): each image is resized to fit the eval scale keeping its ratio and
 run through the model at that size; it is padded bottom/right only to the next multiple of the patch
-size, so the number of distinct input shapes (and jit compilations) stays bounded by the scale.
-The caller crops the logits to `valid_size`, resizes them bilinearly to the original label's size and
-scores the argmax against that label: the metric is always at the original resolution.
+size (with zeros after normalising, as the authors' timm backbone pads inside the model), so the number
+of distinct input shapes (and jit compilations) stays bounded by the scale. The caller resizes the
+logits to the original label's size (seg_head.logits_at_label_size, using `valid_size`) and scores the
+argmax against that label: the metric is always at the original resolution.
 
 A corrupt image or label file does not stop either: it becomes a stand-in marked 'skipped' (see
 seg_transforms.DecodeExample), which the trainer and the evaluation count.

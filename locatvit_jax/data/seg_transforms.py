@@ -7,15 +7,18 @@ by nearest neighbour, so a label value is always one that was stored. Steps, in 
          -> PhotoMetricDistortion -> NormalizeAndPad (image 0, label 255, to the crop size)
   eval:  DecodeExample -> EvalResizeAndPad (fit the scale, pad bottom/right to the patch multiple)
 
-Differences from mmseg, all small: resizing uses PIL (bilinear with antialiasing when shrinking,
-where mmseg's OpenCV default does not antialias; nearest at pixel centres); the photometric steps
-work in float with clipping to [0, 255] instead of rounding to uint8 after each step.
+Resizing and colour conversions call OpenCV as mmcv does (cv2.resize INTER_LINEAR for images, without
+antialiasing; INTER_NEAREST for labels, which samples at floor(i * in / out), not at pixel centres;
+cvtColor for HSV), and the image stays uint8 through the photometric steps, truncated after each as
+mmseg's PhotoMetricDistortion does, so the pixels are mmseg's for the same random draws. Images are
+decoded by PIL, where mmseg decodes them with OpenCV.
 """
 
 from __future__ import annotations
 
 import io
 
+import cv2
 import grain
 import numpy as np
 from absl import logging
@@ -23,6 +26,10 @@ from PIL import Image
 
 from locatvit_jax.data import transforms
 from locatvit_jax.data.seg_sources import IGNORE_INDEX, LabelMap
+
+# No OpenCV thread pool inside each Grain worker, which would oversubscribe the cores; mmseg's
+# setup_multi_processes sets the same (opencv_num_threads=0).
+cv2.setNumThreads(0)
 
 # ImageNet statistics; on 0-255 RGB they are the spec's (123.675, 116.28, 103.53) / (58.395, 57.12, 57.375).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -94,11 +101,13 @@ def fit_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-  return np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
+  """mmcv.imresize(interpolation='bilinear') with its default cv2 backend; size is (h, w)."""
+  return cv2.resize(image, size[::-1], interpolation=cv2.INTER_LINEAR)
 
 
 def resize_label(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-  return np.asarray(Image.fromarray(mask).resize(size[::-1], Image.NEAREST))
+  """mmcv.imresize(interpolation='nearest'), as mmseg resizes label maps; size is (h, w)."""
+  return cv2.resize(mask, size[::-1], interpolation=cv2.INTER_NEAREST)
 
 
 def normalize(image: np.ndarray) -> np.ndarray:
@@ -163,58 +172,60 @@ class RandomFlip(grain.transforms.RandomMap):
 
 
 # -- colour ----------------------------------------------------------------------------------------
-def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
-  """float32 RGB in [0, 255] -> HSV with hue in [0, 1), saturation in [0, 1], value in [0, 255]."""
-  r, g, b = np.moveaxis(rgb, -1, 0)
-  value = rgb.max(-1)
-  chroma = value - rgb.min(-1)
-  safe = np.maximum(chroma, 1e-6)
-  hue = np.where(value == r, (g - b) / safe, np.where(value == g, (b - r) / safe + 2, (r - g) / safe + 4))
-  hue = np.where(chroma > 0, hue / 6 % 1, 0)
-  return np.stack([hue, chroma / np.maximum(value, 1e-6), value], -1).astype(np.float32)
+def scale_and_shift(image: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+  """uint8 -> uint8: image * alpha + beta in float32, clipped to [0, 255] and truncated, as mmseg's
+  PhotoMetricDistortion.convert does after every step."""
+  return np.clip(image.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
 
 
-def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
-  hue, saturation, value = np.moveaxis(hsv, -1, 0)
-  # Branch-free form: channel = v - v s clip(min(k, 4 - k), 0, 1), k = (n + 6 hue) mod 6, n = 5, 3, 1.
-  k = (np.array([5, 3, 1], np.float32) + hue[..., None] * 6) % 6
-  return value[..., None] * (1 - saturation[..., None] * np.clip(np.minimum(k, 4 - k), 0, 1))
+def scale_saturation(image: np.ndarray, alpha: float) -> np.ndarray:
+  """In OpenCV's uint8 HSV (saturation 0-255), the saturation scaled by `alpha` and truncated."""
+  hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+  hsv[..., 1] = scale_and_shift(hsv[..., 1], alpha)
+  return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+
+
+def shift_hue(image: np.ndarray, delta: int) -> np.ndarray:
+  """In OpenCV's uint8 HSV (hue 0-179, 2 degrees a unit), the hue shifted by `delta` units."""
+  hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+  hsv[..., 0] = (hsv[..., 0].astype(np.int32) + delta) % 180
+  return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
 
 
 class PhotoMetricDistortion(grain.transforms.RandomMap):
-  """mmseg PhotoMetricDistortion: brightness, contrast, saturation, hue, each applied with
-  probability 0.5; a coin puts contrast before or after the HSV steps. Image only; float32 out."""
+  """mmseg PhotoMetricDistortion on a uint8 RGB image: brightness, contrast, saturation, hue, each
+  applied with probability 0.5, each rounding back to uint8; a coin puts contrast before or after
+  the HSV steps, which convert to HSV and back each on its own. Image only; uint8 out.
+
+  Our images are RGB where mmseg's are BGR; RGB2HSV of one is BGR2HSV of the other, and the rest is
+  the same on every channel. The draws come in mmseg's order from our own random stream.
+  """
 
   def __init__(self, brightness_delta: float = 32, contrast_range=(0.5, 1.5),
                saturation_range=(0.5, 1.5), hue_delta: int = 18):
     self.brightness_delta = brightness_delta
     self.contrast_range, self.saturation_range = tuple(contrast_range), tuple(saturation_range)
-    self.hue_delta = hue_delta  # in OpenCV's uint8 hue unit (2 degrees), as mmseg draws it
+    self.hue_delta = hue_delta
 
   def _contrast(self, image, rng):
     if rng.integers(2):
-      image = np.clip(image * rng.uniform(*self.contrast_range), 0, 255)
+      image = scale_and_shift(image, alpha=rng.uniform(*self.contrast_range))
     return image
 
   def random_map(self, example: dict, rng: np.random.Generator) -> dict:
-    image = example['image'].astype(np.float32)
+    image = example['image']
     if rng.integers(2):
-      image = np.clip(image + rng.uniform(-self.brightness_delta, self.brightness_delta), 0, 255)
+      image = scale_and_shift(image, beta=rng.uniform(-self.brightness_delta, self.brightness_delta))
     contrast_first = rng.integers(2)
     if contrast_first:
       image = self._contrast(image, rng)
-    saturation = rng.uniform(*self.saturation_range) if rng.integers(2) else None
-    hue_shift = int(rng.integers(-self.hue_delta, self.hue_delta)) if rng.integers(2) else None
-    if saturation is not None or hue_shift is not None:
-      hsv = rgb_to_hsv(image)
-      if saturation is not None:
-        hsv[..., 1] = np.clip(hsv[..., 1] * saturation, 0, 1)
-      if hue_shift is not None:
-        hsv[..., 0] = (hsv[..., 0] + hue_shift / 180.0) % 1.0
-      image = hsv_to_rgb(hsv)
+    if rng.integers(2):
+      image = scale_saturation(image, rng.uniform(*self.saturation_range))
+    if rng.integers(2):  # the hue shift's high end is excluded, as in mmseg (numpy's randint)
+      image = shift_hue(image, int(rng.integers(-self.hue_delta, self.hue_delta)))
     if not contrast_first:
       image = self._contrast(image, rng)
-    return {**example, 'image': image.astype(np.float32)}
+    return {**example, 'image': image}
 
 
 # -- output ----------------------------------------------------------------------------------------

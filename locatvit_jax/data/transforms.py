@@ -1,6 +1,7 @@
 """Per-example image transforms of timm's ImageNet recipe (spec section 5), as Grain transforms.
 
-Train: random resized crop -> horizontal flip -> RandAugment -> normalise -> random erasing.
+Train: random resized crop -> horizontal flip -> RandAugment -> normalise. Random erasing follows
+mixup in the train step (train/mixup.py), as with timm's prefetching loader.
 Eval: resize the short side (bicubic) -> centre crop -> normalise.
 
 All randomness comes from the `np.random.Generator` Grain derives from the seed and the example's
@@ -220,26 +221,6 @@ def normalize(image, mean, std) -> np.ndarray:
   return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
-def random_erase(x: np.ndarray, rng: np.random.Generator, prob: float) -> np.ndarray:
-  """timm's RandomErasing(mode='pixel', count 1) on a normalised (H, W, C) image, in place: with
-  probability `prob`, a box of 2-33% of the area (aspect 0.3-3.3) becomes N(0, 1) noise."""
-  if rng.random() > prob:
-    return x
-  height, width, channels = x.shape
-  log_aspect = (math.log(0.3), math.log(1 / 0.3))
-  for _ in range(10):
-    target_area = rng.uniform(0.02, 1 / 3) * height * width
-    aspect = math.exp(rng.uniform(*log_aspect))
-    h = int(round(math.sqrt(target_area * aspect)))
-    w = int(round(math.sqrt(target_area / aspect)))
-    if w < width and h < height:
-      top = int(rng.integers(0, height - h + 1))
-      left = int(rng.integers(0, width - w + 1))
-      x[top:top + h, left:left + w] = rng.standard_normal((h, w, channels), np.float32)
-      break
-  return x
-
-
 def eval_transform(image: Image.Image, size: int, resize: int, mean, std) -> np.ndarray:
   """The evaluation recipe on one RGB image: float32 (size, size, 3). `locatvit_jax.preprocess` uses it too."""
   return normalize(center_crop(resize_short_side(image, resize), size), mean, std)
@@ -268,8 +249,7 @@ class TrainAugment(grain.transforms.RandomMap):
     image = rand_augment(image, rng, num_ops=a['randaug_num_ops'], magnitude=a['randaug_magnitude'],
                          magnitude_std=a['randaug_magnitude_std'], increasing=a['randaug_increasing'],
                          fill=self.fill, interpolation=a['interpolation'])
-    x = random_erase(normalize(image, a['mean'], a['std']), rng, a['erase_prob'])
-    return {**record, 'image': x}
+    return {**record, 'image': normalize(image, a['mean'], a['std'])}
 
 
 class EvalPreprocess(grain.transforms.Map):

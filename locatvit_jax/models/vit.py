@@ -52,8 +52,10 @@ VARIANTS = {
     'vit': dict(gaug=False, prr=False),  # plain ViT baseline
     'gaug': dict(gaug=True, prr=False),  # ablation: GAug only
     'prr': dict(gaug=False, prr=True),  # ablation: PRR only
-    'gap': dict(gaug=False, prr=False, pool='gap'),  # ViT with global average pooling
-    'locat_gap': dict(gaug=True, prr=True, pool='gap'),
+    # Global average pooling as the authors ran it (timm's global_pool='avg'): the class token stays,
+    # attends and has its position row, but the head reads the mean of the patch tokens.
+    'gap': dict(gaug=False, prr=False, pool='gap', class_token=True),
+    'locat_gap': dict(gaug=True, prr=True, pool='gap', class_token=True),
 }
 
 
@@ -90,7 +92,8 @@ class ViTConfig:
   gaug: bool = True
   prr: bool = True
   pool: str = 'token'  # 'token' (class token) | 'gap' (mean of patch tokens, then the final norm)
-  # None: exactly when pool='token'. timm's GAP ViTs may keep one: it attends but is not pooled.
+  # None: exactly when pool='token'. timm's GAP ViTs may keep one: it attends but is not pooled
+  # (the 'gap' variants do, as the authors' runs did).
   class_token: bool | None = None
   pos_embed: str = 'learn'  # 'learn' | 'none'
   reg_tokens: int = 0
@@ -281,9 +284,9 @@ class ViT(nnx.Module):
   def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     c, p = cfg.width, cfg.patch_size
+    conv_init = init.torch_conv_default(3 * p * p)  # timm's ViT init leaves the patch conv as PyTorch made it
     self.patch_embed = nnx.Conv(3, c, kernel_size=(p, p), strides=(p, p), padding='VALID',
-                                kernel_init=init.TRUNC_NORMAL, bias_init=init.ZEROS,
-                                dtype=DTYPES[cfg.dtype], rngs=rngs)
+                                kernel_init=conv_init, bias_init=conv_init, dtype=DTYPES[cfg.dtype], rngs=rngs)
     self.cls_token = nnx.Param(init.CLS_TOKEN(rngs.params(), (1, 1, c))) if cfg.class_token else None
     self.reg_token = nnx.Param(init.CLS_TOKEN(rngs.params(), (1, cfg.reg_tokens, c))) if cfg.reg_tokens else None
     if cfg.pos_embed == 'learn':

@@ -12,6 +12,7 @@ kept when the class counts agree, else made fresh (fine-tuning on a new label se
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from typing import Callable
 
@@ -47,7 +48,7 @@ def load_init(config, model_cfg: vit.ViTConfig) -> tuple[vit.ViTConfig, dict]:
   go through the model's own resampling, as at inference. The head is dropped when the checkpoint
   has another number of classes: the run's head starts fresh.
   """
-  init = common.load_model(config.init)
+  init = common.load_model(config.init, prr_if_unstated=model_cfg.prr)
   mismatched = [f'{f}={getattr(init.cfg, f)!r} (config: {getattr(model_cfg, f)!r})'
                 for f in ARCHITECTURE_FIELDS if getattr(init.cfg, f) != getattr(model_cfg, f)]
   if mismatched:
@@ -72,6 +73,11 @@ def check_config(config, mesh) -> vit.ViTConfig:
   elif config.batch_size % (dp * config.grad_accum):
     problems.append(f'batch_size={config.batch_size} is not divisible by data-parallel size {dp} '
                     f'x grad_accum {config.grad_accum}')
+  else:
+    rows, group = config.batch_size // (dp * config.grad_accum), config.mixup.group_size
+    if group < 1 or (group < rows and rows % group):
+      problems.append(f'mixup.group_size={group} does not divide the {rows} images each device mixes per '
+                      f'micro-batch; expected a divisor of {rows}, or at least {rows}')
   if config.batch_size % jax.process_count():
     problems.append(f'batch_size={config.batch_size} is not divisible by {jax.process_count()} processes')
   if config.eval_batch_size % dp:
@@ -96,15 +102,29 @@ def peak_lr(config) -> float:
   return config.optim.lr * config.batch_size / config.optim.lr_base_batch
 
 
+def lr_schedule(config, total_steps: int, warmup_steps: int):
+  return optim.warmup_linear_decay(peak_lr(config), total_steps, warmup_steps, config.optim.warmup_init_lr,
+                                   config.optim.end_lr)
+
+
+def mixup_group(config, data_parallel: int) -> int:
+  """How many images mix together. timm mixes each GPU's loader batch on its own, so a group never
+  spans devices or micro-batches: mixup.group_size, or one device's share of a micro-batch if smaller."""
+  return min(config.mixup.group_size, config.batch_size // (data_parallel * config.grad_accum))
+
+
 # -- steps -----------------------------------------------------------------------------------------
 def soft_cross_entropy(logits, targets):
   return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
 
 
-def make_train_step(graphdef, config, tx, schedule, num_classes):
-  """One optimizer update on a global batch: mixup, forward/backward over micro-batches, AdamW."""
-  mix_cfg, accum = config.mixup, config.grad_accum
+def make_train_step(graphdef, config, tx, schedule, num_classes, mix_group):
+  """One optimizer update on a global batch: per micro-batch mixup, random erasing, forward/backward;
+  then AdamW. `mix_group` is mixup_group(): mixing and erasing never move rows between devices."""
+  accum = config.grad_accum
   base_key = jax.random.key(config.seed)
+  augment = functools.partial(mixup.mix_then_erase, num_classes=num_classes, erase_prob=config.aug.erase_prob,
+                              **{**config.mixup.to_dict(), 'group_size': mix_group})
 
   def loss_fn(params, rest, images, targets, drop_key):
     # copy=True: fresh Variables at this trace level, so reseeding and dropout may mutate them.
@@ -115,29 +135,31 @@ def make_train_step(graphdef, config, tx, schedule, num_classes):
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
+  def micro_grads(params, rest, key, images, labels):
+    # timm augments each GPU's loader batch, which is one micro-batch of one device here.
+    aug_key, drop_key = jax.random.split(key)
+    images, targets = augment(aug_key, images, labels)
+    return grad_fn(params, rest, images, targets, drop_key)
+
   def train_step(state, rest, batch):
     # Keys depend only on the step, so a resumed run draws exactly what an uninterrupted one would.
     step_key = jax.random.fold_in(base_key, state['step'])
-    mix_key, drop_key = jax.random.split(step_key)
-    images, targets = mixup.mixup_cutmix(
-        mix_key, batch['image'], batch['label'], num_classes=num_classes,
-        mixup_alpha=mix_cfg.mixup_alpha, cutmix_alpha=mix_cfg.cutmix_alpha,
-        switch_prob=mix_cfg.switch_prob, label_smoothing=mix_cfg.label_smoothing)
 
     def micro(carry, xs):
       grads, loss, stats = carry
-      i, imgs, tgts = xs
-      (l, s), g = grad_fn(state['params'], rest, imgs, tgts, jax.random.fold_in(drop_key, i))
+      i, imgs, labels = xs
+      (l, s), g = micro_grads(state['params'], rest, jax.random.fold_in(step_key, i), imgs, labels)
       return (jax.tree.map(jnp.add, grads, g), loss + l, jax.tree.map(jnp.add, stats, s)), None
 
     # Micro-batch i is rows i::accum: each device splits its own rows of the batch-sharded axis
     # (check_config keeps the per-device batch a multiple of accum), so nothing moves between
     # devices; consecutive rows (x.reshape((accum, -1) + ...)) would reshard the batch.
     split = lambda x: jnp.moveaxis(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 1, 0)
+    images, labels = split(batch['image']), split(batch['label'])
     zeros = jax.tree.map(jnp.zeros_like, state['params'])
-    (_, stats0), _ = jax.eval_shape(grad_fn, state['params'], rest, split(images)[0], split(targets)[0], drop_key)
+    (_, stats0), _ = jax.eval_shape(micro_grads, state['params'], rest, step_key, images[0], labels[0])
     init = (zeros, jnp.zeros(()), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats0))
-    (grads, loss, stats), _ = jax.lax.scan(micro, init, (jnp.arange(accum), split(images), split(targets)))
+    (grads, loss, stats), _ = jax.lax.scan(micro, init, (jnp.arange(accum), images, labels))
     grads, loss, stats = jax.tree.map(lambda x: x / accum, (grads, loss, stats))
 
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
@@ -217,16 +239,18 @@ def build(config, model_cfg: vit.ViTConfig, mesh, total_steps: int, warmup_steps
 
   graphdef, abstract_params, _ = nnx.split(nnx.eval_shape(new_model), nnx.Param, ...)
   rest = jax.jit(lambda: nnx.split(new_model(), nnx.Param, ...)[2], out_shardings=sharding.replicated(mesh))()
-  schedule = optim.warmup_linear_decay(peak_lr(config), total_steps, warmup_steps,
-                                       config.optim.warmup_init_lr, config.optim.end_lr)
-  tx = optim.adamw(schedule, config.optim, abstract_params)
+  schedule = lr_schedule(config, total_steps, warmup_steps)
+  tx = optim.adamw(schedule, config.optim, optim.decay_mask(abstract_params))
   abstract_state = common.abstract_train_state(abstract_params, tx)
   shardings = sharding.tree_shardings(abstract_state, mesh)
   # The pretrained arrays are an argument, not constants baked into the initialiser.
   init_state = lambda: common.init_train_state(initial_params, tx, abstract_state, shardings, pretrained)
   # The state is donated, so parameters and optimizer state are updated in place.
   batch_sh = sharding.batch_sharding(mesh)
-  train_step = jax.jit(make_train_step(graphdef, config, tx, schedule, model_cfg.num_classes),
+  mix_group = mixup_group(config, sharding.batch_parallelism(mesh))
+  if mix_group == 1 and (config.mixup.mixup_alpha or config.mixup.cutmix_alpha):
+    logging.warning('Each device holds one image per micro-batch: mixup and cutmix have nothing to mix.')
+  train_step = jax.jit(make_train_step(graphdef, config, tx, schedule, model_cfg.num_classes, mix_group),
                        in_shardings=(shardings, None, batch_sh), out_shardings=(shardings, None),
                        donate_argnums=0)
   eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(shardings['params'], None, batch_sh))
@@ -241,8 +265,8 @@ def evaluate_checkpoint(config, workdir, mesh, eval_source) -> dict:
   if not source:
     raise ValueError(f'eval_only=True but {workdir} holds no checkpoints and config.init is empty; '
                      'expected one of them to evaluate')
-  model = common.load_model(source, 'config.init=' if step_dir is None else '', dtype=config.model.dtype,
-                            gaug_impl=config.model.gaug_impl)
+  model = common.load_model(source, 'config.init=' if step_dir is None else '', model_config(config).prr,
+                            dtype=config.model.dtype, gaug_impl=config.model.gaug_impl)
   if model.cfg.num_classes != config.data.num_classes:
     raise ValueError(f'{source} has {model.cfg.num_classes} classes but data.num_classes={config.data.num_classes}')
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)

@@ -44,11 +44,21 @@ def check_loop_config(config) -> None:
     raise ValueError('; '.join(problems))
 
 
-def load_model(path, setting: str = 'config.init=', **overrides):
+def load_model(path, setting: str = 'config.init=', prr_if_unstated: bool | None = None, **overrides):
   """`locatvit_jax.load(path, **overrides)`; a checkpoint that cannot be read is one ValueError that
-  names the setting which pointed at it (`setting` prefixes the path)."""
+  names the setting which pointed at it (`setting` prefixes the path).
+
+  A bare state dict cannot tell whether its model uses PRR (it has no parameters): a trainer whose
+  config states the architecture passes that as `prr_if_unstated`; the files win where they say.
+  """
   try:
-    return loading.load(path, **overrides)
+    try:
+      return loading.load(path, **overrides)
+    except loading.UnstatedPRRError:
+      if prr_if_unstated is None:
+        raise
+      logging.info('%s does not say whether its model uses PRR: the config says prr=%s.', path, prr_if_unstated)
+      return loading.load(path, prr=prr_if_unstated, **overrides)
   except (FileNotFoundError, ValueError, ImportError) as e:  # ImportError: a .pth without torch
     raise ValueError(f'{setting}{path} cannot be loaded: {e}') from e
 

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -47,6 +48,10 @@ def check_config(config, mesh) -> None:
     problems.append(f'batch_size={config.batch_size} is not divisible by data-parallel size {dp}')
   if config.patch_size < 1 or config.crop_size % config.patch_size:
     problems.append(f'crop_size={config.crop_size} is not a multiple of patch_size={config.patch_size}')
+  if config.eval_geometry not in seg_head.EVAL_GEOMETRIES:
+    problems.append(f'eval_geometry={config.eval_geometry!r}; expected one of {seg_head.EVAL_GEOMETRIES}')
+  if config.loss_average not in seg_head.LOSS_AVERAGES:
+    problems.append(f'loss_average={config.loss_average!r}; expected one of {seg_head.LOSS_AVERAGES}')
   if problems:
     raise ValueError('; '.join(problems))
 
@@ -67,12 +72,18 @@ def head_config(config, backbone_cfg) -> dict:
           'num_classes': config.data.num_classes, 'hidden': config.head_hidden}
 
 
+def head_optimizer(schedule, optim_cfg) -> optax.GradientTransformation:
+  """AdamW with weight decay on every head parameter, biases and GroupNorm included: mmcv's default
+  optimizer constructor (one group, no paramwise_cfg), where the classifier follows timm's mask."""
+  return optim.adamw(schedule, optim_cfg, mask=None)
+
+
 # -- steps -----------------------------------------------------------------------------------------
-def make_train_step(bb_graphdef, head_graphdef, tx, schedule):
+def make_train_step(bb_graphdef, head_graphdef, tx, schedule, loss_average='all'):
   def loss_fn(head_params, feats, masks):
     head = nnx.merge(head_graphdef, head_params)
     logits = seg_head.upsample_logits(head(feats), masks.shape[1:3])
-    return seg_head.segmentation_loss(logits, masks)
+    return seg_head.segmentation_loss(logits, masks, average=loss_average)
 
   def train_step(state, bb_params, bb_rest, batch):
     backbone = nnx.merge(bb_graphdef, bb_params, bb_rest)
@@ -91,20 +102,22 @@ def make_train_step(bb_graphdef, head_graphdef, tx, schedule):
 LABEL_BUCKET = 128  # label canvases are rounded up to this, bounding compilations per padded input
 
 
-def make_predict(bb_graphdef, head_graphdef):
+def make_predict(bb_graphdef, head_graphdef, geometry='reference'):
   """predict(head_params, bb_params, bb_rest, image, valid, label_size, canvas): the class map of one
-  whole image (padded bottom/right to the patch multiple) at its original label size."""
-  return functools.partial(_predict, bb_graphdef, head_graphdef)
+  whole image (padded bottom/right to the patch multiple) at its original label size, the logits
+  resized with `geometry` (seg_head.logits_at_label_size)."""
+  return functools.partial(_predict, bb_graphdef, head_graphdef, geometry=geometry)
 
 
-# Module-level, with the graph definitions static: compiled once per model, padded input shape and
-# label canvas bucket in a process, however many runs or evaluations it makes.
-@functools.partial(jax.jit, static_argnums=(0, 1), static_argnames='canvas')
-def _predict(bb_graphdef, head_graphdef, head_params, bb_params, bb_rest, image, valid, label_size, canvas):
+# Module-level, with the graph definitions static: compiled once per model, geometry, padded input
+# shape and label canvas bucket in a process, however many runs or evaluations it makes.
+@functools.partial(jax.jit, static_argnums=(0, 1), static_argnames=('canvas', 'geometry'))
+def _predict(bb_graphdef, head_graphdef, head_params, bb_params, bb_rest, image, valid, label_size, canvas,
+             geometry):
   backbone = nnx.merge(bb_graphdef, bb_params, bb_rest)
   head = nnx.merge(head_graphdef, head_params)
   logits = head(backbone.features(image[None]))[0]
-  resized = seg_head.logits_at_label_size(logits, image.shape[:2], valid, label_size, canvas)
+  resized = seg_head.logits_at_label_size(logits, image.shape[:2], valid, label_size, canvas, geometry)
   return jnp.argmax(resized, -1).astype(jnp.int32)
 
 
@@ -186,10 +199,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
                                       rngs=nnx.Rngs(config.seed))
   head_graphdef, abstract_params = nnx.split(nnx.eval_shape(new_head), nnx.Param)
   total = config.total_steps
-  schedule = optim.warmup_linear_decay(config.optim.lr, total, int(config.warmup_fraction * total),
-                                       config.optim.lr * config.optim.warmup_init_factor,
-                                       config.optim.lr * config.optim.end_factor)
-  tx = optim.adamw(schedule, config.optim, abstract_params)
+  schedule = optim.one_cycle_linear(config.optim.lr, total, config.warmup_fraction,
+                                    config.optim.lr * config.optim.warmup_init_factor,
+                                    config.optim.lr * config.optim.end_factor)
+  tx = head_optimizer(schedule, config.optim)
   abstract_state = common.abstract_train_state(abstract_params, tx)
   shardings = sharding.tree_shardings(abstract_state, mesh)
   init_fn = lambda: common.init_train_state(lambda: nnx.state(new_head(), nnx.Param), tx,
@@ -201,10 +214,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   record = head_config(config, bb_cfg)
 
   batch_sh = sharding.batch_sharding(mesh)
-  train_step = jax.jit(make_train_step(bb_graphdef, head_graphdef, tx, schedule),
+  train_step = jax.jit(make_train_step(bb_graphdef, head_graphdef, tx, schedule, config.loss_average),
                        in_shardings=(shardings, bb_shardings, repl, batch_sh),
                        out_shardings=(shardings, bb_shardings, None), donate_argnums=(0, 1))
-  predict = make_predict(bb_graphdef, head_graphdef)
+  predict = make_predict(bb_graphdef, head_graphdef, config.eval_geometry)
   run_eval = lambda state, step: evaluate(predict, state['params'], bb_params, bb_rest, config, eval_source,
                                           workdir, step)
 
