@@ -141,6 +141,13 @@ def uninterrupted(tmp_path_factory, image_folder):
   return workdir
 
 
+@pytest.fixture(scope='session')
+def good_checkpoints(tmp_path_factory):
+  """A tiny params export and training workdir (tests/test_loading.py) to damage copies of."""
+  from tests.test_loading import write_good_checkpoints
+  return write_good_checkpoints(tmp_path_factory.mktemp('good'))
+
+
 def export_params(workdir):
   import locatvit_jax
   return locatvit_jax.get_params(locatvit_jax.load(f'{workdir}/export'))

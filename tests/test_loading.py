@@ -305,6 +305,17 @@ def damaged_copy(good, name, dst):
   return dst / kind
 
 
+# What load() says after the path of each unloadable() kind; the CLI (test_convert) and config.init
+# (test_main) must say the same.
+UNLOADABLE = {
+    'garbage.safetensors': r': not a readable \.safetensors file \(Error while deserializing',
+    'export_arrays_cut': r'/params: a damaged or incomplete Orbax checkpoint \(.*Error reading',
+    'workdir_metadata_missing': r'/checkpoints/1/state: a damaged or incomplete Orbax checkpoint \(no metadata',
+    'segment': r' is a segmentation run \(a head on a frozen backbone\), not a classification model; '
+               r'its backbone is config\.init=/runs/pretrain/export, and .*load_export',
+}
+
+
 def unloadable(kind, good, dst):
   """A path at `dst` that load() must refuse: 'garbage.safetensors', 'segment' (a segmentation run)
   or a damaged copy of `good` (a DAMAGES name)."""
@@ -322,11 +333,6 @@ def write_good_checkpoints(root):
   checkpoint.save_params(root / 'export', params, TINY_CFG)
   write_training_checkpoint(root / 'workdir', params, json.loads(TINY_CFG.to_json()))
   return root
-
-
-@pytest.fixture(scope='module')
-def good_checkpoints(tmp_path_factory):
-  return write_good_checkpoints(tmp_path_factory.mktemp('good'))
 
 
 @pytest.mark.parametrize('name', sorted(DAMAGES))
