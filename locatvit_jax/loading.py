@@ -199,23 +199,22 @@ def _training_args(ckpt) -> dict:
   return {k: v for k, v in said.items() if v is not None}
 
 
-class UnstatedPRRError(ValueError):
-  """A checkpoint whose files cannot tell whether its model uses PRR (no config, no `prr=`)."""
-
-
 def infer_config(state: dict[str, np.ndarray], hf: dict | None = None, source: str = 'the state dict',
-                 **overrides) -> ViTConfig:
+                 prr_if_unstated: bool | None = None, **overrides) -> ViTConfig:
   """Architecture from timm tensor shapes, then what a config.json (`hf`) states, then explicit overrides.
 
   A config.json that contradicts the tensors gives a config they do not fit, which _check_shapes reports.
-  PRR has no parameters, so only `hf` or `overrides` tell it: else a ValueError naming `source`.
+  PRR has no parameters, so only `hf` or `overrides` tell it, else `prr_if_unstated`: else a ValueError
+  naming `source`.
   """
   from locatvit_jax import convert  # see _timm_model
 
   fields = convert.config_json_fields(_tensor_fields(state), hf or {})
   fields.update(overrides)
+  if 'prr' not in fields and prr_if_unstated is not None:
+    fields['prr'] = prr_if_unstated
   if 'prr' not in fields:  # a GAug model may or may not use PRR: the paper ablates both
-    raise UnstatedPRRError(
+    raise ValueError(
         f'{source} does not say whether the model uses PRR, which the tensors cannot tell (it has no parameters); '
         'state it: load(path, prr=True) or --prr=true (false: no PRR), convert it once (locatvit-convert SRC DIR '
         '--prr=true), or load a folder whose config.json names a locatvit_* architecture or model_args.prr')
@@ -255,12 +254,12 @@ def _square_image_size(pos_embed: np.ndarray, fields: dict) -> int:
   return side * fields['patch_size']
 
 
-def _timm_model(state, hf, source, overrides) -> ViT:
+def _timm_model(state, hf, source, overrides, prr_if_unstated) -> ViT:
   # Imported here: were it imported with the package, `python -m locatvit_jax.convert` would warn
   # that the module it runs is already imported.
   from locatvit_jax import convert
 
-  cfg = infer_config(state, hf, source, **overrides)
+  cfg = infer_config(state, hf, source, prr_if_unstated, **overrides)
   gap = cfg.pool == 'gap'
   # Checked in the file's own names and layouts, so that errors name the tensors the user has.
   # Zero-stride views give the expected timm shapes without allocating any parameter.
@@ -271,13 +270,14 @@ def _timm_model(state, hf, source, overrides) -> ViT:
 
 
 # -- the public entry ------------------------------------------------------------------------------
-def load_with_config(path, *, ema: bool = False, trust_pickle: bool = False, **overrides) -> ViT:
+def load_with_config(path, *, ema: bool = False, trust_pickle: bool = False, prr_if_unstated: bool | None = None,
+                     **overrides) -> ViT:
   path = paths.path(path)
   if not path.exists():
     raise FileNotFoundError(f'{path}: no such file or directory')
   if not path.is_dir():
     state, said = read_checkpoint(path, ema=ema, trust_pickle=trust_pickle)
-    return _timm_model(state, said, f'{path} (no config.json)', overrides)
+    return _timm_model(state, said, f'{path} (no config.json)', overrides, prr_if_unstated)
   if checkpoint.holds_model(path):
     record, record_file = checkpoint.read_model_record(path)
     if _SEGMENTATION_RECORD <= record.keys():
@@ -297,22 +297,25 @@ def load_with_config(path, *, ema: bool = False, trust_pickle: bool = False, **o
       has_config = hf_path.exists()
       hf = checkpoint.read_json(hf_path) if has_config else {}
       state, _ = read_checkpoint(path / weights, ema=ema, trust_pickle=trust_pickle)
-      return _timm_model(state, hf, hf_path if has_config else f'{path} (no config.json)', overrides)
+      return _timm_model(state, hf, hf_path if has_config else f'{path} (no config.json)', overrides,
+                         prr_if_unstated)
   raise ValueError(f'{path}: found neither params/ + model_config.json, training checkpoints, '
                    'nor config.json + model.safetensors')
 
 
-def load(path, *, ema: bool = False, trust_pickle: bool = False, **overrides) -> ViT:
+def load(path, *, ema: bool = False, trust_pickle: bool = False, prr_if_unstated: bool | None = None,
+         **overrides) -> ViT:
   """A model in evaluation mode from any supported checkpoint (module docstring).
 
   `overrides` set ViTConfig fields the files cannot tell (e.g. `prr=False`, `dtype='bfloat16'`); a state
-  dict without config.json needs `prr`. `ema=True` takes a training checkpoint's EMA weights.
+  dict without config.json needs `prr`, or `prr_if_unstated`, which only applies where the files do not
+  say (a trainer's config states its architecture). `ema=True` takes a training checkpoint's EMA weights.
   `trust_pickle=True` lets torch unpickle a .pth(.tar) that holds Python objects besides tensors (timm's
   training checkpoints do), which can run code from the file: give it only for files you trust.
   A path that is no such model (damaged, incomplete, a segmentation run) is one ValueError naming the
   file and what is wrong; a missing path is FileNotFoundError, a torch file without torch ImportError.
   """
-  model = load_with_config(path, ema=ema, trust_pickle=trust_pickle, **overrides)
+  model = load_with_config(path, ema=ema, trust_pickle=trust_pickle, prr_if_unstated=prr_if_unstated, **overrides)
   model.eval()
   return model
 

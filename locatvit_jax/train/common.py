@@ -52,13 +52,7 @@ def load_model(path, setting: str = 'config.init=', prr_if_unstated: bool | None
   config states the architecture passes that as `prr_if_unstated`; the files win where they say.
   """
   try:
-    try:
-      return loading.load(path, **overrides)
-    except loading.UnstatedPRRError:
-      if prr_if_unstated is None:
-        raise
-      logging.info('%s does not say whether its model uses PRR: the config says prr=%s.', path, prr_if_unstated)
-      return loading.load(path, prr=prr_if_unstated, **overrides)
+    return loading.load(path, prr_if_unstated=prr_if_unstated, **overrides)
   except (FileNotFoundError, ValueError, ImportError) as e:  # ImportError: a .pth without torch
     raise ValueError(f'{setting}{path} cannot be loaded: {e}') from e
 
