@@ -162,7 +162,8 @@ def test_tpu_run_and_stop_on_every_host(tmp_path):
   # What each host runs, executed here in a fake home with a stand-in for the venv's python.
   home = tmp_path / 'home'
   stub(home / 'locatvit_jax' / '.venv' / 'bin' / 'python',
-       'printf "%s\\n" "$@" >~/argv; trap \'kill $!; echo "checkpointed"; exit 143\' TERM; sleep 60 & wait\n')
+       # Written aside, then renamed: the test polls for ~/argv and must never read it half-written.
+       'printf "%s\\n" "$@" >~/argv.part && mv ~/argv.part ~/argv; trap \'kill $!; echo "checkpointed"; exit 143\' TERM; sleep 60 & wait\n')
   on_host = lambda command: subprocess.run(['bash', '-c', command[-1].removeprefix('--command=')],
                                            env=dict(os.environ, HOME=str(home)), capture_output=True,
                                            text=True, timeout=30)
