@@ -11,8 +11,9 @@ min_ms, cpu_ms (median process CPU time of all threads: less sensitive to other 
 xla_temp_mb (XLA's buffer assignment: the peak of intermediates, noise-free), base_rss_mb
 (process peak with the inputs made, before compiling) and peak_rss_mb (ru_maxrss at the end).
 Each runs in a fresh process, so that ru_maxrss is its own. --all runs the children as the
-train-step benchmark runs on CPU: under tcmalloc with TCMALLOC_RELEASE_RATE=0 (which keeps freed
-pages, so peak RSS exceeds the live peak) and its XLA CPU flags; --no_cpu_env: glibc malloc.
+train-step benchmark runs on CPU: under locatvit_jax/cpu_env.py's environment (its XLA flags;
+tcmalloc or glibc tunables, which keep freed pages, so peak RSS exceeds the live peak);
+--no_cpu_env: neither.
 """
 
 from __future__ import annotations
@@ -31,8 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from benchmarks import cpu_env
-
+from locatvit_jax import cpu_env
 from locatvit_jax.models import attention, locat
 
 IMPLS = ('plain',) + attention.GAUG_IMPLS
@@ -50,7 +50,7 @@ _ALL = flags.DEFINE_bool('all', False, 'Run every --impls x --token_list in its 
 _IMPLS = flags.DEFINE_list('impls', ['plain', 'dense', 'fused', 'blockwise'], 'Implementations for --all.')
 _TOKEN_LIST = flags.DEFINE_list('token_list', ['197', '1025', '4097'], 'Sequence lengths for --all.')
 _TIMEOUT = flags.DEFINE_integer('timeout', 1800, 'Seconds allowed per subprocess in --all.')
-_NO_CPU_ENV = flags.DEFINE_bool('no_cpu_env', False, '--all: no tcmalloc, no extra XLA CPU flags.')
+_NO_CPU_ENV = flags.DEFINE_bool('no_cpu_env', False, '--all: children without the fast CPU environment.')
 
 
 def grid_side(tokens: int) -> int:
@@ -107,11 +107,11 @@ def measure() -> dict:
           'compile_s': round(compile_s, 2),
           'xla_temp_mb': round(memory.temp_size_in_bytes / 2 ** 20, 1) if memory else None,
           'base_rss_mb': round(base_rss, 1), 'peak_rss_mb': round(peak_rss_mb(), 1),
-          'backend': jax.default_backend(), 'cpu_env': cpu_env.in_fast_cpu_env()}
+          'backend': jax.default_backend(), 'cpu_env': cpu_env.name()}
 
 
 def child_env() -> dict:
-  return (None if _NO_CPU_ENV.value else cpu_env.fast_cpu_env()) or dict(os.environ)
+  return dict(os.environ) if _NO_CPU_ENV.value else cpu_env.fast_cpu_env()
 
 
 def run_all() -> None:

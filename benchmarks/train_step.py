@@ -3,65 +3,56 @@ r"""Times the project's real jitted training step (the one `locatvit_jax.main` r
   python -m benchmarks.train_step --model=locatvit_ti16 --size=224 --batch=32 --pair
   python -m benchmarks.train_step --model=locatvit_ti16 --size=512 --batch=8 --forward
 
-The last line printed is JSON: img_per_s, step_ms (median over --steps after --warmup), compile_s,
+The last line printed is JSON: img_per_s, step_ms (median over --steps after --warmup), cpu_ms
+and minor_faults (medians per step: process CPU time of all threads, page faults), compile_s,
 peak_rss_mb (process peak after the primary model ran, before any paired model is built),
 xla_temp_mb (XLA's temporary buffers of the compiled step), backend;
-with --pair also the plain ViT of the same size timed the same way, interleaved step by step in the
-same process, and `ratio` = primary step time / ViT step time.
+with --pair also the family's baseline (the same model with GAug and PRR off: plain ViT, Swin, RoPE-Mixed
+ViT, Jumbo) timed the same way, interleaved step by step in the same process, and `ratio` = primary step
+time / baseline step time.
 
-On CPU the benchmark re-executes itself once under tcmalloc (when installed) with
-TCMALLOC_RELEASE_RATE=0 and XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_dot:
-XLA's per-step buffers otherwise cost ~25% of a step in glibc page faults. --no_cpu_env disables it.
+On CPU the benchmark re-executes itself once under the fast CPU environment that
+`locatvit_jax.main` uses (locatvit_jax/cpu_env.py: XLA flags, tcmalloc or glibc tunables);
+`cpu_env` in the JSON names the allocator ('off' with --no_cpu_env or LOCATVIT_FAST_CPU=0).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import resource
 import statistics
-import sys
 import time
 
 from absl import app, flags
 
-from benchmarks import cpu_env
+from locatvit_jax import cpu_env
 
 _MODEL = flags.DEFINE_string('model', 'locatvit_ti16', 'Model name (locatvit_jax.MODEL_NAMES).')
 _SIZE = flags.DEFINE_integer('size', 224, 'Square image size in pixels.')
 _BATCH = flags.DEFINE_integer('batch', 32, 'Global batch size.')
 _STEPS = flags.DEFINE_integer('steps', 8, 'Timed steps (median reported).')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
-_PAIR = flags.DEFINE_bool('pair', False, 'Also time the plain ViT of the same size; report the ratio.')
+_PAIR = flags.DEFINE_bool('pair', False, "Also time the family's baseline (the same model without GAug and "
+                          "PRR); report the ratio.")
 _FORWARD = flags.DEFINE_bool('forward', False, 'Time the inference forward (dense features) instead.')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Matmul dtype.')
 _GAUG_IMPL = flags.DEFINE_string('gaug_impl', None, 'GAug implementation (default: the config default).')
 _REMAT = flags.DEFINE_enum('remat', 'none', ['none', 'full', 'dots'], 'Activation checkpointing policy.')
 _DEPTH = flags.DEFINE_integer('depth', None, "Blocks (default: the model's); fewer for a quick check.")
-_NO_CPU_ENV = flags.DEFINE_bool('no_cpu_env', False, 'Do not re-execute under tcmalloc and CPU XLA flags.')
+_NO_CPU_ENV = flags.DEFINE_bool('no_cpu_env', False, 'Do not re-execute under the fast CPU environment.')
 
 
-def cpu_env_reexec() -> None:
-  """Re-executes under the fast CPU environment unless already in it (see module docstring)."""
-  env = cpu_env.fast_cpu_env()
-  if _NO_CPU_ENV.value or cpu_env.in_fast_cpu_env() or env is None:
-    return
-  import jax
-  if jax.default_backend() != 'cpu':
-    return
-  os.execve(sys.executable, [sys.executable, '-m', 'benchmarks.train_step', *sys.argv[1:]], env)
-
-
-def bench_config(model: str):
+def bench_config(model: str, variant: str | None = None):
+  """The classification config of `model` (any family), with `variant`'s switches (None: the name's own)."""
   from locatvit_jax.configs import common
-  from locatvit_jax.models import vit
-  vit.model_config(model)  # validates the name first: a clear error for an unknown one
-  kind, size = model.split('_')[0], model.split('_')[1].rstrip('0123456789')
-  config = common.classification_config(size, 'locat' if kind == 'locatvit' else 'vit')
+  config = common.classification_config(model, variant)  # an unknown name is one clear error
   config.model.img_size = _SIZE.value
   config.model.dtype = _DTYPE.value
   config.model.remat = _REMAT.value
   if _DEPTH.value:
+    if 'depth' not in config.model:
+      raise ValueError(f'--depth: {model} has no single depth field; its blocks are config.model fields '
+                       f'{sorted(config.model)}')
     config.model.depth = _DEPTH.value
   if _GAUG_IMPL.value:
     config.model.gaug_impl = _GAUG_IMPL.value
@@ -73,13 +64,13 @@ def bench_config(model: str):
 class Runner:
   """One model's jitted step and inputs; `step()` runs and waits for one step."""
 
-  def __init__(self, model: str):
+  def __init__(self, model: str, variant: str | None = None):
     import jax
     import numpy as np
     from locatvit_jax import sharding
     from locatvit_jax.train import classification
 
-    config = bench_config(model)
+    config = bench_config(model, variant)
     mesh = sharding.make_mesh(config.mesh)
     model_cfg = classification.check_config(config, mesh)
     setup = classification.build(config, model_cfg, mesh, total_steps=1000, warmup_steps=10)
@@ -113,16 +104,25 @@ class Runner:
     self.compile_s = time.perf_counter() - t0
     for _ in range(_WARMUP.value):
       self._run()
-    self.times = []
+    self.times, self.cpu_times, self.faults = [], [], []
 
   def step(self) -> None:
-    t0 = time.perf_counter()
+    t0, c0, f0 = time.perf_counter(), time.process_time(), minor_faults()
     self._run()
     self.times.append(time.perf_counter() - t0)
+    self.cpu_times.append(time.process_time() - c0)
+    self.faults.append(minor_faults() - f0)
+
+  def clear(self) -> None:
+    for series in (self.times, self.cpu_times, self.faults):
+      series.clear()
 
   def result(self) -> dict:
     step_s = statistics.median(self.times)
     return {'step_ms': round(step_s * 1e3, 2), 'img_per_s': round(_BATCH.value / step_s, 3),
+            # CPU time of all threads and page faults: what other load on the machine distorts least.
+            'cpu_ms': round(statistics.median(self.cpu_times) * 1e3, 2),
+            'minor_faults': int(statistics.median(self.faults)),
             'compile_s': round(self.compile_s, 2),
             # XLA's own buffers of the compiled step: deterministic, unlike the process RSS.
             'xla_temp_mb': round(self.memory.temp_size_in_bytes / 2**20, 1)}
@@ -132,24 +132,30 @@ def peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def minor_faults() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def main(argv):
   del argv
-  cpu_env_reexec()
+  if not _NO_CPU_ENV.value:
+    cpu_env.reexec_if_cpu()
   import jax
-  from locatvit_jax.models import vit
+  from locatvit_jax.models import registry
   primary = Runner(_MODEL.value)
   for _ in range(_STEPS.value):
     primary.step()
-  out = {'model': _MODEL.value, 'depth': _DEPTH.value or vit.model_config(_MODEL.value).depth,
+  out = {'model': _MODEL.value, 'depth': _DEPTH.value or registry.model_config(_MODEL.value).depth,
          'size': _SIZE.value, 'batch': _BATCH.value,
          'mode': 'forward' if _FORWARD.value else 'train_step', 'dtype': _DTYPE.value,
          'remat': _REMAT.value, **primary.result(), 'peak_rss_mb': round(peak_rss_mb(), 1),
          'backend': jax.default_backend(), 'devices': jax.device_count(),
-         'cpu_env': cpu_env.in_fast_cpu_env()}
+         'cpu_env': cpu_env.name()}
   if _PAIR.value:
-    baseline_name = _MODEL.value.replace('locatvit_', 'vit_')
-    baseline = Runner(baseline_name)
-    primary.times.clear()
+    # The family's own baseline: the same model with GAug and PRR off.
+    baseline_name = f'{_MODEL.value}:vit'
+    baseline = Runner(_MODEL.value, 'vit')
+    primary.clear()
     for _ in range(_STEPS.value):  # interleaved, so drift hits both models alike
       primary.step()
       baseline.step()

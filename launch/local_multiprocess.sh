@@ -9,7 +9,7 @@
 #   DEVICES_PER_PROCESS  fake CPU devices per process (default 1); appended to any XLA_FLAGS.
 #   PORT                 coordinator port (default: a free one).
 #   PYTHON               interpreter (default: python, e.g. the activated venv's).
-#   TCMALLOC, NO_TCMALLOC=1  tcmalloc library to preload, or keep glibc malloc (see below).
+#   LOCATVIT_FAST_CPU=0  keep the processes out of the fast CPU environment (see below).
 # Output lines are prefixed [p0], [p1], ... If one process fails the others are killed (they would
 # wait forever in collectives); the exit status is the first failure's. SIGINT/SIGTERM are passed
 # on to every process, which then checkpoint together and exit, as on a preempted pod.
@@ -41,19 +41,14 @@ fi
 # The repo on PYTHONPATH: `-m locatvit_jax.main` works from a clone that was not pip-installed, from
 # any directory, while relative --workdir/--config paths keep meaning the caller's directory.
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-# The CPU XLA flags of benchmarks/cpu_env.py (plain dots on Eigen; the memory-minimising scheduler).
-cpu_xla_flags="--xla_cpu_experimental_ynn_fusion_type=-individual_dot --xla_cpu_enable_concurrency_optimized_scheduler=false"
+# The fast CPU environment (XLA flags; tcmalloc or glibc malloc tunables) is not set here: each
+# locatvit_jax.main process re-executes itself under it (locatvit_jax/cpu_env.py, the one place
+# for it), keeping its pid, so the waits and signals below still reach it.
 env_vars=(
-  "XLA_FLAGS=${XLA_FLAGS:+$XLA_FLAGS }$cpu_xla_flags --xla_force_host_platform_device_count=$devices"
+  "XLA_FLAGS=${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$devices"
   "PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH}"
   PYTHONUNBUFFERED=1  # lines reach the prefixer as they are printed
 )
-# XLA on CPU loses ~25% of a step to page faults under glibc malloc; tcmalloc keeps freed pages
-# (TCMALLOC_RELEASE_RATE=0) and reuses them.
-tcmalloc=${TCMALLOC:-/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4}
-if [[ "${NO_TCMALLOC:-0}" != 1 && -f "$tcmalloc" ]]; then
-  env_vars+=("LD_PRELOAD=$tcmalloc${LD_PRELOAD:+:$LD_PRELOAD}" TCMALLOC_RELEASE_RATE=0)
-fi
 
 main_args=("$@")
 command_for() {  # sets `cmd` to the argv of process $1

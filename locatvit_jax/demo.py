@@ -3,8 +3,10 @@
 `run` builds the digit-scene dataset (data/demo.py) on first use, pretrains a small model on the
 scene labels with the classification trainer, finetunes the frozen-backbone segmentation head on the
 masks with the segmentation trainer, draws GAug kernels and attention maps, and reports top-1 and
-mIoU. `compare` does that for several variants and seeds and writes a table and a bar chart.
-Both trainers are the ones ImageNet and ADE20K use: only the configs differ.
+mIoU, and the pretrained backbone's Hummingbird mIoU (nearest-neighbour label transfer from the
+training scenes' patch features: a dense measure with no trained head). `compare` does that for
+several variants and seeds and writes a table and a bar chart. Both trainers and the evaluator are the
+ones ImageNet, ADE20K and Pascal VOC use: only the configs differ.
 """
 
 from __future__ import annotations
@@ -17,13 +19,17 @@ import jax
 import numpy as np
 from absl import logging
 
-from locatvit_jax import loading, paths, viz
+from locatvit_jax import loading, paths, sharding, viz
 from locatvit_jax.data import demo as demo_data
 from locatvit_jax.data import sources, transforms
-from locatvit_jax.models import vit
+from locatvit_jax import evaluators
+from locatvit_jax.models import registry
 from locatvit_jax.train import classification, segmentation
+from locatvit_jax.train import evaluate as evaluate_task
 
 VARIANT_NAMES = {'vit': 'ViT', 'gaug': 'GAug only', 'prr': 'PRR only', 'locat': 'LocAtViT'}
+# The measures of a run: key in its row -> column title (all in percent).
+MEASURES = {'top1': 'top-1 (%)', 'miou': 'mIoU (%)', 'hbird_miou': 'Hummingbird mIoU (%)'}
 
 
 def _data_dir(config) -> str:
@@ -41,7 +47,7 @@ def stage_configs(config, dataset: str, variant: str, seed: int, workdir: str):
   """The classification and segmentation configs of one demo run."""
   pre = copy.deepcopy(config.pretrain)
   pre.seed = seed
-  pre.model.update(vit.variant_overrides(variant))
+  pre.model.update(registry.variant_overrides(pre.model_name, variant))
   pre.data.update(dict(kind='tfds', name=dataset, data_dir=_data_dir(config)))
   seg = copy.deepcopy(config.finetune)
   seg.seed = seed
@@ -57,7 +63,22 @@ def run_one(config, dataset: str, variant: str, seed: int, workdir: str) -> dict
   cls = classification.train_and_evaluate(pre, paths.path(workdir) / 'pretrain')
   logging.info('[%s seed %d] finetuning the segmentation head on the frozen backbone', variant, seed)
   segm = segmentation.train_and_evaluate(seg, paths.path(workdir) / 'segment')
-  return {'variant': variant, 'seed': seed, 'top1': cls['eval_top1'], 'miou': segm['miou']}
+  hbird = hummingbird_miou(config, dataset, workdir)
+  return {'variant': variant, 'seed': seed, 'top1': cls['eval_top1'], 'miou': segm['miou'], 'hbird_miou': hbird}
+
+
+def hummingbird_miou(config, dataset: str, workdir: str) -> float:
+  """Hummingbird mIoU of the pretrained backbone on the scenes' masks; measured once (as task='evaluate'
+  writes it: workdir/evals/hummingbird_step0.json, per-class IoU included), then read back."""
+  result_file = evaluators.result_path(workdir, 'hummingbird', 0)
+  if result_file.exists():
+    return json.loads(paths.read_text(result_file))['metrics']['miou']
+  cfg = copy.deepcopy(config.hummingbird)
+  cfg.data.update(dict(name=dataset, data_dir=_data_dir(config)))
+  mesh = sharding.make_mesh(config.pretrain.mesh)
+  evaluator = evaluators.make_evaluator('hummingbird', cfg, mesh)
+  model = evaluate_task.on_mesh(loading.load(paths.path(workdir) / 'pretrain' / 'export'), mesh)
+  return evaluators.Runner([evaluator], workdir).evaluate(model, 0)['hummingbird/miou']
 
 
 def draw_pictures(config, dataset: str, workdir: str) -> list[str]:
@@ -99,7 +120,7 @@ def run(config, workdir: str) -> dict:
     pictures = draw_pictures(config, dataset, workdir)
     print(f'Pictures: {", ".join(pictures)} and {workdir}/segment/segmentation_step*.png', flush=True)
   print(f'DEMO RESULT ({VARIANT_NAMES[config.variant]}): top-1 {100 * result["top1"]:.2f}%  '
-        f'mIoU {100 * result["miou"]:.2f}%', flush=True)
+        f'mIoU {100 * result["miou"]:.2f}%  Hummingbird mIoU {100 * result["hbird_miou"]:.2f}%', flush=True)
   return result
 
 
@@ -114,20 +135,19 @@ def compare(config, dataset: str, workdir: str) -> dict:
     paths.write_text(paths.path(workdir) / 'compare.md', text)
     paths.write_text(paths.path(workdir) / 'compare.json', json.dumps(rows, indent=1))
     viz.save_bar_chart(paths.path(workdir) / 'compare.png', {
-        VARIANT_NAMES[v]: {'top-1 (%)': [100 * r['top1'] for r in rows if r['variant'] == v],
-                           'mIoU (%)': [100 * r['miou'] for r in rows if r['variant'] == v]}
+        VARIANT_NAMES[v]: {title: [100 * r[key] for r in rows if r['variant'] == v] for key, title in MEASURES.items()}
         for v in table}, title='Digit scenes: mean and std over seeds')
     print(text, flush=True)
   return {'rows': rows, 'table': table}
 
 
 def summarize(rows: list[dict]) -> dict:
-  """variant -> {'top1': (mean, std), 'miou': (mean, std), 'n'} in percent."""
+  """variant -> {measure: (mean, std) for each of MEASURES, 'n'} in percent."""
   table = {}
   for variant in dict.fromkeys(r['variant'] for r in rows):
     mine = [r for r in rows if r['variant'] == variant]
     stats = {}
-    for key in ('top1', 'miou'):
+    for key in MEASURES:
       vals = [100 * r[key] for r in mine]
       stats[key] = (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
     table[variant] = {**stats, 'n': len(mine)}
@@ -135,10 +155,10 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def compare_markdown(table: dict, config) -> str:
-  lines = ['| model | top-1 (%) | mIoU (%) | seeds |', '|---|---|---|---|']
+  lines = ['| model | ' + ' | '.join(MEASURES.values()) + ' | seeds |', '|---' * (len(MEASURES) + 2) + '|']
   for variant, s in table.items():
-    lines.append(f'| {VARIANT_NAMES[variant]} | {s["top1"][0]:.2f} ± {s["top1"][1]:.2f} | '
-                 f'{s["miou"][0]:.2f} ± {s["miou"][1]:.2f} | {s["n"]} |')
+    cells = ' | '.join(f'{s[key][0]:.2f} ± {s[key][1]:.2f}' for key in MEASURES)
+    lines.append(f'| {VARIANT_NAMES[variant]} | {cells} | {s["n"]} |')
   seeds = ','.join(str(s) for s in config.compare.seeds)
   lines.append('')
   lines.append(f'Mean ± standard deviation over seeds {seeds}; digit scenes {config.data.image_size} px, '

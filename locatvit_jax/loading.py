@@ -8,18 +8,19 @@ Accepted paths:
   and trust_pickle=True when they hold train.py's arguments); `ema=True` takes their EMA weights;
 * a Hugging Face-style directory: `config.json` + `model.safetensors` (or `pytorch_model.bin`).
 
-Architecture comes from our `model_config.json`, or is inferred from the tensors (width, depth,
-patch, registers, classes, image size, GAug) and `config.json` (heads, PRR, image size, pooling: see
-convert.hf_config for the keys, in timm's hub format, and the authors' or timm's model names), or a
-training checkpoint's arguments (model name, pooling, classes, model kwargs). PRR has no parameters:
-where none of these says it, `prr=` must.
+Every family loads alike (ViT, Swin, RoPE-Mixed ViT, Jumbo: models/registry.py). Architecture comes
+from our `model_config.json`, or is inferred from the tensors (family by their names; width, depth,
+patch, registers, classes, image size, GAug) and `config.json` (heads, PRR, image size, pooling, in
+timm's hub format, and the authors' or timm's model names: each family's layouts/ module reads and
+writes it), or a training checkpoint's arguments (model name, pooling, classes, model kwargs). PRR has
+no parameters: where none of these says it, `prr=` must.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import math
+import dataclasses
 import re
 from typing import Any
 
@@ -28,7 +29,8 @@ import numpy as np
 from flax import nnx
 
 from locatvit_jax import checkpoint, paths
-from locatvit_jax.models.vit import SIZES, ViT, ViTConfig
+from locatvit_jax import layouts
+from locatvit_jax.models import registry
 
 _TORCH_SUFFIXES = ('.pth', '.pt', '.bin', '.pth.tar')  # .pth.tar: timm's CheckpointSaver
 # Where training checkpoints keep their weights, by `ema`: timm's CheckpointSaver's keys, then DeiT's.
@@ -69,30 +71,31 @@ def params_dict(params: nnx.State) -> dict:
   return unflatten(flatten(nnx.to_pure_dict(params)))
 
 
-def get_params(model: ViT) -> dict:
+def get_params(model) -> dict:
   """The model's parameters in the export layout."""
   return params_dict(nnx.state(model, nnx.Param))
 
 
-def build_model(cfg: ViTConfig, params: dict | None = None, *, seed: int = 0) -> ViT:
+def build_model(cfg: registry.ModelConfig, params: dict | None = None, *, seed: int = 0):
   """A model of `cfg`, with `params` (nested or '/'-flat dict) checked and put in place of the init.
 
   Every missing, unexpected or wrongly shaped tensor is reported in one ValueError.
   """
   if params is None:
-    return ViT(cfg, rngs=nnx.Rngs(seed))
-  graphdef, abs_params, _ = nnx.split(nnx.eval_shape(lambda: ViT(cfg, rngs=nnx.Rngs(seed))), nnx.Param, ...)
+    return registry.build(cfg, rngs=nnx.Rngs(seed))
+  graphdef, abs_params, _ = nnx.split(nnx.eval_shape(lambda: registry.build(cfg, rngs=nnx.Rngs(seed))),
+                                     nnx.Param, ...)
   given = flatten(params) if any(isinstance(v, dict) for v in params.values()) else dict(params)
   _check_shapes(flatten(nnx.to_pure_dict(abs_params)), given, cfg)
   # Non-parameter state (dropout RNG keys) is made under jit, where the unused param init is dropped.
-  rest = jax.jit(lambda: nnx.split(ViT(cfg, rngs=nnx.Rngs(seed)), nnx.Param, ...)[2])()
+  rest = jax.jit(lambda: nnx.split(registry.build(cfg, rngs=nnx.Rngs(seed)), nnx.Param, ...)[2])()
   pure = nnx.to_pure_dict(abs_params)
   filled = _fill(pure, given, '')
   nnx.replace_by_pure_dict(abs_params, filled)
   return nnx.merge(graphdef, abs_params, rest)
 
 
-def _check_shapes(expected: dict[str, Any], given: dict[str, Any], cfg: ViTConfig) -> None:
+def _check_shapes(expected: dict[str, Any], given: dict[str, Any], cfg: registry.ModelConfig) -> None:
   """One ValueError naming every missing, unexpected and wrongly shaped tensor (flat dicts)."""
   shape = lambda v: tuple(np.shape(v))
   problems = [f'missing {k} {shape(v)}' for k, v in expected.items() if k not in given]
@@ -109,10 +112,14 @@ def _fill(pure, given, prefix):
           for k, v in pure.items()}
 
 
-def _describe(cfg: ViTConfig) -> str:
-  return (f'width={cfg.width} depth={cfg.depth} heads={cfg.num_heads} patch={cfg.patch_size} '
-          f'classes={cfg.num_classes} gaug={cfg.gaug} pool={cfg.pool} class_token={cfg.class_token} '
-          f'reg_tokens={cfg.reg_tokens}')
+# How a config is named in errors: the fields that fix the tensors, in timm's short names where they differ.
+_DESCRIBED = {'num_heads': 'heads', 'patch_size': 'patch', 'num_classes': 'classes'}
+_NOT_DESCRIBED = ('prr', 'img_size', 'mlp_dim', 'pos_embed', 'drop_path', 'dtype', 'gaug_impl', 'remat')
+
+
+def _describe(cfg: registry.ModelConfig) -> str:
+  said = [f'{_DESCRIBED.get(k, k)}={v}' for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_DESCRIBED]
+  return ('' if cfg.FAMILY == registry.DEFAULT_FAMILY else f'{cfg.FAMILY} ') + ' '.join(said)
 
 
 # -- reading the authors' files ------------------------------------------------------------------
@@ -200,78 +207,41 @@ def _training_args(ckpt) -> dict:
 
 
 def infer_config(state: dict[str, np.ndarray], hf: dict | None = None, source: str = 'the state dict',
-                 prr_if_unstated: bool | None = None, **overrides) -> ViTConfig:
-  """Architecture from timm tensor shapes, then what a config.json (`hf`) states, then explicit overrides.
+                 prr_if_unstated: bool | None = None, **overrides):
+  """Family and architecture from timm tensor names and shapes, then what a config.json (`hf`) states, then
+  explicit overrides.
 
   A config.json that contradicts the tensors gives a config they do not fit, which _check_shapes reports.
   PRR has no parameters, so only `hf` or `overrides` tell it, else `prr_if_unstated`: else a ValueError
   naming `source`.
   """
-  from locatvit_jax import convert  # see _timm_model
-
-  fields = convert.config_json_fields(_tensor_fields(state), hf or {})
-  fields.update(overrides)
+  layout = layouts.for_checkpoint(state, hf or {})
+  fields = {**layout.fields(state, hf or {}), **overrides}
   if 'prr' not in fields and prr_if_unstated is not None:
     fields['prr'] = prr_if_unstated
   if 'prr' not in fields:  # a GAug model may or may not use PRR: the paper ablates both
     raise ValueError(
         f'{source} does not say whether the model uses PRR, which the tensors cannot tell (it has no parameters); '
         'state it: load(path, prr=True) or --prr=true (false: no PRR), convert it once (locatvit-convert SRC DIR '
-        '--prr=true), or load a folder whose config.json names a locatvit_* architecture or model_args.prr')
-  if 'img_size' not in fields and 'pos_embed' in state:
-    fields['img_size'] = _square_image_size(state['pos_embed'], fields)
-  return ViTConfig.from_dict(fields)
+        '--prr=true), or load a folder whose config.json names a locat* architecture or model_args.prr')
+  return layout.config(fields, state)
 
 
-def _tensor_fields(state: dict[str, np.ndarray]) -> dict[str, Any]:
-  """The ViTConfig fields the tensors tell; without GAug, heads are a guess a config.json corrects."""
-  for key in ('patch_embed.proj.weight', 'blocks.0.mlp.fc1.weight'):
-    if key not in state:
-      raise ValueError(f'not a ViT state dict: no {key} among '
-                       f'{sorted(state)[:8]}{"..." if len(state) > 8 else ""}')
-  width, _, patch, _ = state['patch_embed.proj.weight'].shape
-  # The highest index, not the count, so that a block missing in the middle is reported as missing.
-  depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r'blocks\.(\d+)\.', k)))
-  gaug = 'blocks.0.attn.gaug.log_var.weight' in state
-  if gaug:
-    heads = width // state['blocks.0.attn.gaug.log_var.weight'].shape[1]
-  else:
-    heads = next((s[2] for s in SIZES.values() if s[0] == width), width // 64)
-  return dict(width=width, depth=depth, num_heads=heads, mlp_dim=state['blocks.0.mlp.fc1.weight'].shape[0],
-              patch_size=patch, num_classes=state['head.weight'].shape[0] if 'head.weight' in state else 0,
-              gaug=gaug, pool='gap' if 'fc_norm.weight' in state else 'token',
-              class_token='cls_token' in state,  # timm's GAP models may keep one: it attends, unpooled
-              pos_embed='learn' if 'pos_embed' in state else 'none',
-              reg_tokens=state['reg_token'].shape[1] if 'reg_token' in state else 0, drop_path=0.0)
-
-
-def _square_image_size(pos_embed: np.ndarray, fields: dict) -> int:
-  n = pos_embed.shape[1] - int(fields['class_token']) - fields['reg_tokens']
-  side = math.isqrt(n)
-  if side * side != n:
-    raise ValueError(f'pos_embed has {n} patch positions, not a square grid; give the image size it was '
-                     'built for: load(path, img_size=(height, width))')
-  return side * fields['patch_size']
-
-
-def _timm_model(state, hf, source, overrides, prr_if_unstated) -> ViT:
-  # Imported here: were it imported with the package, `python -m locatvit_jax.convert` would warn
-  # that the module it runs is already imported.
-  from locatvit_jax import convert
-
+def _timm_model(state, hf, source, overrides, prr_if_unstated):
   cfg = infer_config(state, hf, source, prr_if_unstated, **overrides)
-  gap = cfg.pool == 'gap'
+  layout = layouts.for_config(cfg)
   # Checked in the file's own names and layouts, so that errors name the tensors the user has.
   # Zero-stride views give the expected timm shapes without allocating any parameter.
-  abstract = flatten(nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: ViT(cfg, rngs=nnx.Rngs(0))), nnx.Param)))
+  abstract = flatten(nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: registry.build(cfg, rngs=nnx.Rngs(0))),
+                                                nnx.Param)))
   views = {k: np.broadcast_to(np.zeros((), v.dtype), v.shape) for k, v in abstract.items()}
-  _check_shapes(convert.ours_to_timm(views, gap=gap), state, cfg)
-  return build_model(cfg, convert.timm_to_ours(state, gap=gap))
+  _check_shapes(layout.to_timm(views, cfg), state, cfg)
+  return build_model(cfg, layout.to_ours(state, cfg))
 
 
 # -- the public entry ------------------------------------------------------------------------------
 def load_with_config(path, *, ema: bool = False, trust_pickle: bool = False, prr_if_unstated: bool | None = None,
-                     **overrides) -> ViT:
+                     **overrides):
   path = paths.path(path)
   if not path.exists():
     raise FileNotFoundError(f'{path}: no such file or directory')
@@ -285,12 +255,12 @@ def load_with_config(path, *, ema: bool = False, trust_pickle: bool = False, prr
                        f'model; its backbone is config.init={record["init"]}, and '
                        'locatvit_jax.train.segmentation.load_export(WORKDIR/export) loads backbone and head')
     try:  # the record alone first: an error in `overrides` is not the file's
-      ViTConfig.from_dict(record)
+      registry.config_from_dict(record)
     except (TypeError, ValueError) as e:
       raise ValueError(f'{record_file}: {e}') from e
     if ema:  # our trainers keep no EMA
       raise _no_ema(path)
-    return build_model(ViTConfig.from_dict({**record, **overrides}), checkpoint.restore_params(path))
+    return build_model(registry.config_from_dict({**record, **overrides}), checkpoint.restore_params(path))
   hf_path = path / 'config.json'
   for weights in ('model.safetensors', 'pytorch_model.bin'):
     if (path / weights).exists():
@@ -304,10 +274,10 @@ def load_with_config(path, *, ema: bool = False, trust_pickle: bool = False, prr
 
 
 def load(path, *, ema: bool = False, trust_pickle: bool = False, prr_if_unstated: bool | None = None,
-         **overrides) -> ViT:
+         **overrides):
   """A model in evaluation mode from any supported checkpoint (module docstring).
 
-  `overrides` set ViTConfig fields the files cannot tell (e.g. `prr=False`, `dtype='bfloat16'`); a state
+  `overrides` set config fields the files cannot tell (e.g. `prr=False`, `dtype='bfloat16'`); a state
   dict without config.json needs `prr`, or `prr_if_unstated`, which only applies where the files do not
   say (a trainer's config states its architecture). `ema=True` takes a training checkpoint's EMA weights.
   `trust_pickle=True` lets torch unpickle a .pth(.tar) that holds Python objects besides tensors (timm's

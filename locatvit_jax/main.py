@@ -9,6 +9,10 @@ and Kubernetes, `jax.distributed.initialize()` finds its peers by itself; elsewh
 
 Bad settings and inputs (ValueError, FileNotFoundError) end the run with one `error:` line and
 exit status 2; the traceback is logged at debug level (`--verbosity=1`).
+
+On a CPU backend the command re-executes itself once, before JAX starts, under the fast CPU
+environment of locatvit_jax/cpu_env.py (XLA flags, an allocator that keeps freed pages);
+LOCATVIT_FAST_CPU=0 runs it as started.
 """
 
 import json
@@ -21,6 +25,8 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from locatvit_jax import cpu_env
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Job configuration file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory (local or gs://) for checkpoints, logs, exports.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for clusters '
@@ -30,7 +36,7 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (with --coo
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-TASKS = ('classification', 'segmentation', 'demo')
+TASKS = ('classification', 'segmentation', 'demo', 'evaluate', 'dino')
 
 
 def initialize_distributed() -> None:
@@ -60,6 +66,12 @@ def run(config, workdir: str):
   if config.task == 'demo':
     from locatvit_jax import demo
     return demo.run(config, workdir)
+  if config.task == 'evaluate':
+    from locatvit_jax.train import evaluate
+    return evaluate.run(config, workdir)
+  if config.task == 'dino':
+    from locatvit_jax.train import dino
+    return dino.train_and_evaluate(config, workdir)
 
 
 def main(argv):
@@ -135,6 +147,7 @@ def cli() -> None:
     print(f'{__doc__.strip()}\n\nPackaged configs (--config=configs/NAME.py): {", ".join(packaged)}\n\n'
           f'Flags:\n{flags.FLAGS.module_help(sys.modules[__name__])}')
     sys.exit(0)
+  cpu_env.reexec_if_cpu()  # before JAX initialises; LOCATVIT_FAST_CPU=0 keeps this process as it is
   app.run(main, argv=argv)
 
 

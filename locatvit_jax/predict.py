@@ -28,6 +28,7 @@ from PIL import Image
 from locatvit_jax import checkpoint, loading, paths, viz
 from locatvit_jax.configs import common
 from locatvit_jax.data import transforms
+from locatvit_jax.models import vit
 
 # Images per forward pass: bounds the memory of long image lists.
 BATCH_SIZE = 32
@@ -67,14 +68,15 @@ def preprocess(images, model) -> np.ndarray:
   `images`: a PIL image (any mode: grey, RGBA, palette...) or a uint8 array (H, W[, C]), or a list
   of them, of any size. Each goes through the classification trainer's evaluation transform
   (transforms.eval_transform): RGB (alpha dropped), bicubic resize of the short side to
-  eval_resize(S), centre crop S x S, (x / 255 - mean) / std with the recipe's mean and std. A model
-  trained with other aug.mean, aug.std or aug.eval_resize needs its own preprocessing.
+  eval_resize(S), centre crop S x S, (x / 255 - mean) / std with the recipe's mean and std for the
+  model's family. A model trained with other aug.mean, aug.std or aug.eval_resize needs its own
+  preprocessing.
   """
   batch = [images] if isinstance(images, (Image.Image, np.ndarray)) else list(images)
   if not batch:
     raise ValueError('no images given; expected a PIL image, a uint8 array, or a list of them')
   size = _square_size(model)
-  t = common.eval_transform()
+  t = common.eval_transform(model.cfg.FAMILY)
   return np.stack([transforms.eval_transform(_to_rgb(im), size, eval_resize(size), t['mean'], t['std'])
                    for im in batch])
 
@@ -169,6 +171,8 @@ def run(args) -> None:
     raise ValueError(f'--top={args.top}; expected at least 1')
   images = [read_image(p) for p in args.images]  # a bad file fails before the slow model load
   model = load_classifier(args.init, **loading.load_flags(args))
+  if args.pictures and model.cfg.FAMILY != vit.FAMILY:
+    raise ValueError(f'--pictures draws ViT-family attention; {args.init} holds a {model.cfg.FAMILY} model')
   names = class_names(args.init, model.cfg.num_classes)
   batch = preprocess(images, model)
   for i, (path, probs) in enumerate(zip(args.images, probabilities(model, batch))):

@@ -21,6 +21,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
 
+# The last rule's pattern: a parameter it matches was forgotten by the rules above.
+UNMATCHED = r'.*'
 # (path regex, spec). Kernels are (in, out); qkv and fc1 split their outputs over `tensor`,
 # proj and fc2 their inputs, so each block needs one all-reduce per branch.
 RULES = [
@@ -31,9 +33,23 @@ RULES = [
     (r'.*mlp/fc1/bias$', P('tensor')),
     (r'.*mlp/fc2/kernel$', P('tensor', 'fsdp')),
     (r'.*gaug/.*', P()),  # tiny; shared by all heads
+    # DINO (train/dino.py): the head's first two layers as an MLP block; the 65536-wide last layer and
+    # the centre, (1, 65536) in the train state, split their outputs over `tensor`.
+    (r'.*dino_head/mlp/0/kernel$', P('fsdp', 'tensor')),
+    (r'.*dino_head/mlp/0/bias$', P('tensor')),
+    (r'.*dino_head/mlp/1/kernel$', P('tensor', 'fsdp')),
+    (r'.*dino_head/last_layer$', P('fsdp', 'tensor')),
+    (r'^center$', P(None, 'tensor')),
+    (r'.*rope/freqs$', P()),  # RoPE-Mixed: (2, depth, heads, head_dim / 2), tiny
+    (r'.*gamma_[12]$', P()),  # layer scale (C,), multiplies the replicated residual stream
+    (r'.*/ls[123]/gamma$', P()),  # Jumbo's layer scales: (C,) and (J * C,) for the class tokens' branch
+    (r'.*relative_position_bias_table$', P()),  # Swin: ((2w - 1)^2, heads) per block, tiny
+    (r'.*downsample/reduction/kernel$', P(None, 'fsdp')),  # Swin's patch merging (4C, 2C), no bias
     (r'.*(kernel|embedding)$', P(None, 'fsdp')),
     (r'.*pos_embed$', P(None, None, 'fsdp')),
-    (r'.*', P()),
+    (r'.*(bias|scale)$', P()),  # norms and biases: one vector each
+    (r'.*(cls_token|reg_token)$', P()),  # a few vectors
+    (UNMATCHED, P()),  # nothing should reach it: tests/test_sharding_optim.py lists what does
 ]
 
 
@@ -74,11 +90,13 @@ def _fit(spec: P, shape, mesh: Mesh) -> P:
   return P(*fitted)
 
 
+def rule_for(path: str) -> tuple[str, P]:
+  """The first rule whose pattern matches `path`."""
+  return next(rule for rule in RULES if re.match(rule[0], path))
+
+
 def spec_for(path: str, shape, mesh: Mesh) -> P:
-  for pattern, spec in RULES:
-    if re.match(pattern, path):
-      return _fit(spec, shape, mesh)
-  raise AssertionError('the last rule matches everything')
+  return _fit(rule_for(path)[1], shape, mesh)
 
 
 def tree_shardings(tree, mesh: Mesh):

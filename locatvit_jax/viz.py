@@ -205,6 +205,9 @@ def attention_internals(model, image, layers: Sequence[int]) -> tuple[tuple[int,
 
   `image` is one model input (H, W, 3). Returns the patch grid and {block index: arrays}.
   """
+  if model.cfg.FAMILY != vit.FAMILY:
+    raise ValueError(f'attention pictures are drawn from ViT-family models (LocAtViT and its variants); this is '
+                     f'a {model.cfg.FAMILY} model')
   wanted = set(vit.check_layers(layers, model.cfg.depth))
   model = nnx.view(model, deterministic=True)  # no drop path; the caller's model is untouched
   x, grid = model.embed(jnp.asarray(image, jnp.float32)[None])

@@ -58,7 +58,7 @@ def parity_dir() -> pathlib.Path:
 def tiny_classification_config(data_root: str | None = None, **overrides):
   """configs/vit_ti.py shrunk to seconds: width 32, depth 2, 32 px, batch 8, a few steps."""
   from locatvit_jax.configs import common
-  c = common.classification_config('ti', 'locat')
+  c = common.classification_config('vit_ti16', 'locat')
   c.model.update(dict(img_size=32, width=32, depth=2, num_heads=2, mlp_dim=64, drop_path=0.1))
   c.aug.eval_resize = 36
   if data_root:

@@ -37,9 +37,9 @@ def random_inputs(grid, grid0, num_prefix, *, batch=2, heads=2, head_dim=8, seed
 
 
 def attention_vjp(impl, args, do, grid, geometry, num_prefix, blocks=None):
-  """Output and gradients w.r.t. (q, k, v, var, alpha), jitted."""
-  f = lambda *a: attention.gaug_attention(*a, grid=grid, geometry=geometry, num_prefix=num_prefix,
-                                          impl=impl, blocks=blocks)
+  """Output and gradients w.r.t. (q, k, v, var, alpha[, bias]), jitted; a sixth arg is the extra bias."""
+  f = lambda *a: attention.gaug_attention(*a[:5], grid=grid, geometry=geometry, num_prefix=num_prefix,
+                                          impl=impl, blocks=blocks, bias=a[5] if len(a) > 5 else None)
 
   @jax.jit
   def run(args, do):
@@ -48,14 +48,18 @@ def attention_vjp(impl, args, do, grid, geometry, num_prefix, blocks=None):
   return run(args, do)
 
 
-def numpy_attention(q, k, v, var, alpha, grid, geometry, num_prefix):
-  """softmax(q k^T + S) v in float64 with S from the (N, N, 2) squared distances (spec section 2)."""
+def numpy_attention(q, k, v, var, alpha, grid, geometry, num_prefix, bias=None):
+  """softmax(q k^T + S (+ bias)) v in float64 with S from the (N, N, 2) squared distances (spec
+  section 2); var=None: no S."""
   h, w = grid
   pos = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing='ij'), -1).reshape(h * w, 2)
   dist = np.minimum((pos[:, None, :] - pos[None, :, :]) ** 2, geometry.dist_max)
-  g = np.exp(-np.sum(0.5 * dist / (var.astype(np.float64)[..., :, None, :] + geometry.eps), axis=-1))
   logits = np.einsum('bhqd,bhkd->bhqk', q.astype(np.float64), k)
-  logits[..., num_prefix:, num_prefix:] += alpha[..., None] * g
+  if var is not None:
+    g = np.exp(-np.sum(0.5 * dist / (var.astype(np.float64)[..., :, None, :] + geometry.eps), axis=-1))
+    logits[..., num_prefix:, num_prefix:] += alpha[..., None] * g
+  if bias is not None:
+    logits = logits + bias
   p = np.exp(logits - logits.max(-1, keepdims=True))
   return np.einsum('bhqk,bhkd->bhqd', p / p.sum(-1, keepdims=True), v)
 
@@ -188,3 +192,94 @@ def test_parity_model_under_each_impl(impl, parity):
   with FULL_FLOAT32:
     logits = nnx.jit(lambda m, x: m(x))(model, ref['images_224'])
   assert rel_err(logits, ref['logits_224']) < 1e-5
+
+
+# -- an extra additive bias (Swin's relative position bias + shifted-window mask) ------------------
+# Broadcast forms: one per head shared by the batch (Swin's relative position bias), one per example
+# shared by the heads, and a full one.
+BIAS_SHAPES = [(1, 2), (2, 1), (2, 2)]
+
+
+def random_bias(n, shape, *, seed=1):
+  """A smooth part plus a -100 mask over a checkerboard of token groups, as Swin's shift mask."""
+  rng = np.random.default_rng(seed)
+  groups = rng.integers(0, 3, n)
+  mask = np.where(groups[:, None] == groups[None, :], 0.0, -100.0)
+  return (rng.normal(size=shape + (n, n)) + mask).astype(np.float32)
+
+
+@pytest.mark.parametrize('bias_shape', BIAS_SHAPES)
+@pytest.mark.parametrize('grid, grid0, num_prefix', CASES[:2])
+def test_dense_with_bias_matches_numpy(grid, grid0, num_prefix, bias_shape):
+  args, do, geometry = random_inputs(grid, grid0, num_prefix)
+  bias = random_bias(args[0].shape[2], bias_shape)
+  o, _ = attention_vjp('dense', args + (bias,), do, grid, geometry, num_prefix)
+  assert rel_err(o, numpy_attention(*args, grid, geometry, num_prefix, bias=bias)) < 1e-5
+
+
+@pytest.mark.parametrize('bias_shape', BIAS_SHAPES)
+def test_plain_attention_with_bias(bias_shape):
+  (q, k, v, _, _), do, geometry = random_inputs((3, 5), (3, 3), 1)
+  bias = random_bias(q.shape[2], bias_shape)
+  o = attention.plain_attention(q, k, v, bias)
+  assert rel_err(o, numpy_attention(q, k, v, None, None, (3, 5), geometry, 1, bias=bias)) < 1e-5
+  # the bias' gradient against the materialised softmax's, by hand: dz = p * (dp - sum_j p dp)
+  dbias = jax.grad(lambda b: jnp.sum(attention.plain_attention(q, k, v, b) * do))(bias)
+  p = np.asarray(attention.probabilities(q, k, jnp.asarray(bias)), np.float64)
+  dp = np.einsum('bhqd,bhkd->bhqk', do, v)
+  dz = p * (dp - np.sum(p * dp, -1, keepdims=True))
+  assert dbias.shape == bias.shape
+  assert rel_err(dbias, np.sum(dz, axis=tuple(i for i in (0, 1) if bias_shape[i] == 1), keepdims=True)) < 1e-5
+
+
+@pytest.mark.parametrize('impl', ('fused', 'blockwise'))
+@pytest.mark.parametrize('bias_shape', BIAS_SHAPES)
+@pytest.mark.parametrize('grid, grid0, num_prefix', CASES)
+def test_bias_matches_dense_in_values_and_gradients(impl, grid, grid0, num_prefix, bias_shape):
+  args, do, geometry = random_inputs(grid, grid0, num_prefix)
+  args = args + (random_bias(args[0].shape[2], bias_shape),)
+  with FULL_FLOAT32:
+    o_ref, grads_ref = attention_vjp('dense', args, do, grid, geometry, num_prefix)
+    o, grads = attention_vjp(impl, args, do, grid, geometry, num_prefix, blocks=BLOCKS)
+  assert rel_err(o, o_ref) < 1e-5
+  assert grads[5].shape == args[5].shape
+  for name, g, g_ref in zip(('q', 'k', 'v', 'var', 'alpha', 'bias'), grads, grads_ref):
+    assert rel_err(g, g_ref) < 2e-5, name
+
+
+@pytest.mark.parametrize('impl', ('fused', 'blockwise'))
+def test_bound_follows_the_bias(impl):
+  """Masked keys carry the rows' largest logits (+200) under a -1000 mask: a bound taken before the
+  bias would underflow every unmasked term (exp(-200)) and divide 0 by 0."""
+  grid, grid0, num_prefix = CASES[1]
+  (q, k, v, var, alpha), do, geometry = random_inputs(grid, grid0, num_prefix)
+  n = q.shape[2]
+  masked = np.arange(n) % 2 == 0
+  q = np.ones_like(q) / np.sqrt(q.shape[-1])
+  k = np.where(masked[:, None], 200.0 / np.sqrt(k.shape[-1]), k)
+  bias = np.where(masked[None, None, None, :], -1000.0, 0.0).astype(np.float32) * np.ones((1, 1, n, 1), np.float32)
+  args = (q.astype(np.float32), k.astype(np.float32), v, var, alpha, bias)
+  o_ref, grads_ref = attention_vjp('dense', args, do, grid, geometry, num_prefix)
+  o, grads = attention_vjp(impl, args, do, grid, geometry, num_prefix, blocks=BLOCKS)
+  assert np.all(np.isfinite(o)) and rel_err(o, o_ref) < 1e-5
+  for g, g_ref in zip(grads[:5], grads_ref[:5]):
+    assert rel_err(g, g_ref) < 2e-5
+
+
+@pytest.mark.parametrize('impl', ('pallas', 'pallas_interpret'))
+def test_pallas_rejects_a_bias(impl):
+  args, _, geometry = random_inputs((4, 4), (4, 4), 1)
+  with pytest.raises(ValueError, match=f"gaug_impl='{impl}' takes no extra logits bias"):
+    attention.gaug_attention(*args, grid=(4, 4), geometry=geometry, num_prefix=1, impl=impl,
+                             bias=random_bias(17, (1, 2)))
+
+
+@pytest.mark.parametrize('shape', [(2, 3, 17, 17), (1, 2, 17, 16), (2, 17, 17)])
+def test_bias_of_a_wrong_shape(shape):
+  args, _, geometry = random_inputs((4, 4), (4, 4), 1)
+  message = re.escape(f'bias of shape {shape}; expected (2 or 1, 2 or 1, 17, 17)')
+  with pytest.raises(ValueError, match=message):
+    attention.gaug_attention(*args, grid=(4, 4), geometry=geometry, num_prefix=1, impl='fused',
+                             bias=np.zeros(shape, np.float32))
+  with pytest.raises(ValueError, match=message):
+    attention.plain_attention(*args[:3], np.zeros(shape, np.float32))

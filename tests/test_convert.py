@@ -16,12 +16,13 @@ from safetensors.numpy import load_file, save_file
 
 import locatvit_jax
 from locatvit_jax import checkpoint, convert, loading, predict
+from locatvit_jax.layouts import vit as layouts_vit
 from locatvit_jax.models import vit
 from tests import test_loading
 from tests.conftest import REPO
 
 # The documented export layout (README, "Params on disk"), written out independently of
-# convert.RULES: our path -> (timm key, axis permutation taking the timm tensor to ours).
+# layouts/vit.py's rules: our path -> (timm key, axis permutation taking the timm tensor to ours).
 LINEAR, CONV = (1, 0), (2, 3, 1, 0)  # (out, in) -> (in, out); OIHW -> HWIO
 TOP_LEVEL = {
     'patch_embed/kernel': ('patch_embed.proj.weight', CONV),
@@ -135,17 +136,17 @@ def test_export_restores_with_orbax_alone(cli_round_trip, official, tmp_path):
 
 @pytest.mark.parametrize('overrides', [dict(pool='gap'), dict(reg_tokens=4)], ids=['gap', 'registers'])
 def test_variants_round_trip_through_the_timm_layout(overrides, tmp_path):
-  model = vit.create_model('locatvit_ti16', num_classes=5, img_size=64, width=64, depth=2, num_heads=2,
+  model = locatvit_jax.create_model('locatvit_ti16', num_classes=5, img_size=64, width=64, depth=2, num_heads=2,
                            mlp_dim=128, drop_path=0.0, seed=3, **overrides)
   ours = loading.flatten(jax.tree.map(np.asarray, loading.get_params(model)))
   gap = model.cfg.pool == 'gap'
-  timm = convert.ours_to_timm(ours, gap=gap)
+  timm = layouts_vit.to_timm(ours, model.cfg)
   if gap:  # timm's GAP model: no class token, the final norm after pooling is `fc_norm`
     assert 'cls_token' not in timm and 'norm.weight' not in timm and timm['fc_norm.weight'].shape == (64,)
     assert timm['pos_embed'].shape == (1, 16, 64)
   else:
     assert timm['reg_token'].shape == (1, 4, 64) and timm['pos_embed'].shape == (1, 1 + 4 + 16, 64)
-  back = convert.timm_to_ours(timm, gap=gap)
+  back = layouts_vit.to_ours(timm, model.cfg)
   assert sorted(back) == sorted(ours)
   for path, value in ours.items():
     assert back[path].tobytes() == value.tobytes() and back[path].shape == value.shape, path
@@ -166,7 +167,7 @@ TINY_ARGS = dict(img_size=[32, 32], patch_size=8, embed_dim=32, depth=2, num_hea
 def test_hf_config_is_timm_hub_format():
   """timm's save_config_for_hf layout. model_args are the constructor's kwargs: the authors' LocAtViT takes
   gaug, prr and no_pos_emb, timm's VisionTransformer (plain ViT) pos_embed and would reject the others."""
-  locat = convert.hf_config(vit.model_config('locatvit_ti16', **TINY_HF, pool='gap', reg_tokens=2))
+  locat = layouts_vit.hf_config(vit.model_config('locatvit_ti16', **TINY_HF, pool='gap', reg_tokens=2))
   assert locat == {
       'architecture': 'locatvit_tiny', 'num_classes': 5, 'num_features': 32, 'global_pool': 'avg',
       'model_args': {**TINY_ARGS, 'class_token': False, 'global_pool': 'avg', 'reg_tokens': 2,
@@ -174,18 +175,33 @@ def test_hf_config_is_timm_hub_format():
       'pretrained_cfg': {'input_size': [3, 32, 32], 'interpolation': 'bicubic', 'crop_mode': 'center',
                          'crop_pct': 224 / 248, 'mean': [0.5, 0.5, 0.5], 'std': [0.5, 0.5, 0.5], 'num_classes': 5,
                          'first_conv': 'patch_embed.proj', 'classifier': 'head'}}
-  plain = convert.hf_config(vit.model_config('vit_ti16', **TINY_HF, pos_embed='none'))
+  plain = layouts_vit.hf_config(vit.model_config('vit_ti16', **TINY_HF))
   assert plain['architecture'] == 'vit_tiny_patch16_224' and plain['global_pool'] == 'token'
-  assert plain['model_args'] == {**TINY_ARGS, 'pos_embed': 'none'}
+  assert plain['model_args'] == {**TINY_ARGS, 'pos_embed': 'learn'}
+  # Without position embedding: the authors' NoPosVisionTransformer, which sets pos_embed itself.
+  nopos = layouts_vit.hf_config(vit.model_config('vit_ti16', **TINY_HF, pos_embed='none'))
+  assert nopos['architecture'] == 'nopos_vit_tiny_patch16_224' and nopos['model_args'] == TINY_ARGS
+
+
+def test_timms_own_no_position_embedding_vit_is_refused():
+  # timm 1.0.19's VisionTransformer(pos_embed='none') never prepends its class token: not what we compute.
+  hf = {'architecture': 'vit_tiny_patch16_224', 'model_args': {**TINY_ARGS, 'pos_embed': 'none'}}
+  with pytest.raises(ValueError, match=r"^config.json builds timm's VisionTransformer with pos_embed='none', which "
+                     'never prepends its class and register tokens'):
+    layouts_vit.config_json_fields({}, hf)
+  # Without prefix tokens there is nothing to drop: the same model.
+  no_prefix = {'model_args': {**TINY_ARGS, 'class_token': False, 'global_pool': 'avg', 'pos_embed': 'none'}}
+  assert layouts_vit.config_json_fields({}, no_prefix)['pos_embed'] == 'none'
 
 
 @pytest.mark.parametrize('name', sorted(vit.MODEL_ALIASES))
 def test_hf_architecture_is_the_authors_name_at_the_sizes_they_register(name):
   cfg = vit.model_config(name, img_size=384, num_classes=10, pool='gap')  # none of these is in a name
-  assert convert.architecture(cfg) == name
+  assert layouts_vit.architecture(cfg) == name
   # Other sizes and patches: the family's tiny constructor; model_args carry the real ones.
-  tiny = 'locatvit_tiny' if name.startswith('locatvit') else 'vit_tiny_patch16_224'
-  assert convert.architecture(dataclasses.replace(cfg, patch_size=8)) == tiny
+  tiny = ('locatvit_tiny' if name.startswith('locatvit') else
+          'nopos_vit_tiny_patch16_224' if name.startswith('nopos') else 'vit_tiny_patch16_224')
+  assert layouts_vit.architecture(dataclasses.replace(cfg, patch_size=8)) == tiny
 
 
 @pytest.mark.parametrize('name, overrides, architecture', [
@@ -196,10 +212,10 @@ def test_hf_architecture_is_the_authors_name_at_the_sizes_they_register(name):
     ('locatvit_ti16', dict(pool='gap'), 'locatvit_tiny'),
     ('locatvit_ti16', dict(reg_tokens=4), 'locatvit_tiny'),
     ('locatvit_ti16', dict(pos_embed='none'), 'locatvit_tiny'),  # no pos_embed: the tensors cannot tell the grid
-    ('vit_ti16', dict(pos_embed='none'), 'vit_tiny_patch16_224'),
+    ('vit_ti16', dict(pos_embed='none'), 'nopos_vit_tiny_patch16_224'),  # the authors' class, not timm's
 ], ids=['locat', 'gaug_only', 'prr_only', 'plain', 'gap', 'registers', 'no_pos_embed', 'plain_no_pos_embed'])
 def test_variants_round_trip_through_the_hf_folder(name, overrides, architecture, tmp_path):
-  model = vit.create_model(name, seed=3, **{**TINY_HF, **overrides})
+  model = locatvit_jax.create_model(name, seed=3, **{**TINY_HF, **overrides})
   convert.write_hf(model, tmp_path / 'hf')
   assert sorted(p.name for p in (tmp_path / 'hf').iterdir()) == ['config.json', 'model.safetensors']
   assert json.loads((tmp_path / 'hf' / 'config.json').read_text())['architecture'] == architecture
@@ -210,7 +226,7 @@ def test_variants_round_trip_through_the_hf_folder(name, overrides, architecture
 
 
 def test_cli_writes_the_hf_folder(tmp_path):
-  model = vit.create_model('locatvit_ti16', seed=4, **{**TINY_HF, 'pool': 'gap'})
+  model = locatvit_jax.create_model('locatvit_ti16', seed=4, **{**TINY_HF, 'pool': 'gap'})
   checkpoint.save_params(tmp_path / 'export', loading.get_params(model), model.cfg)
   done = run_cli(tmp_path / 'export', tmp_path / 'hf', '--to-hf')
   assert done.returncode == 0, done.stderr
@@ -224,12 +240,13 @@ def test_cli_writes_the_hf_folder(tmp_path):
 
 
 def test_key_rules_reject_what_they_do_not_know():
+  token, gap = vit.ViTConfig(), vit.ViTConfig(pool='gap')
   with pytest.raises(ValueError, match=r"no rule for timm key 'blocks.0.attn.q_norm.weight' with class-token"):
-    convert.timm_to_ours({'blocks.0.attn.q_norm.weight': np.zeros(4)})
+    layouts_vit.to_ours({'blocks.0.attn.q_norm.weight': np.zeros(4)}, token)
   with pytest.raises(ValueError, match=r"no rule for timm key 'norm.weight' with GAP pooling"):
-    convert.timm_to_ours({'norm.weight': np.zeros(4)}, gap=True)
+    layouts_vit.to_ours({'norm.weight': np.zeros(4)}, gap)
   with pytest.raises(ValueError, match=r"no timm name for our parameter 'blocks/0/attn/extra/kernel'"):
-    convert.ours_to_timm({'blocks/0/attn/extra/kernel': np.zeros(4)})
+    layouts_vit.to_timm({'blocks/0/attn/extra/kernel': np.zeros(4)}, token)
 
 
 @pytest.mark.parametrize('args, message', [
@@ -251,7 +268,7 @@ def test_cli_errors_are_one_line(args, message, tmp_path, capsys):
 
 def test_cli_flags_state_what_the_source_cannot_tell(tmp_path, capsys, monkeypatch):
   """--prr for a state dict without config.json; --trust-pickle and --ema for the authors' training checkpoints."""
-  model = vit.create_model('locatvit_ti16', seed=5, **{**TINY_HF, 'prr': False})
+  model = locatvit_jax.create_model('locatvit_ti16', seed=5, **{**TINY_HF, 'prr': False})
   bare = test_loading.write_timm(tmp_path / 'gaug_only.safetensors', model)
   assert convert.main([str(bare), str(tmp_path / 'out')]) == 2
   err = capsys.readouterr().err

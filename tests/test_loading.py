@@ -18,6 +18,7 @@ from safetensors.numpy import load_file, save_file
 
 import locatvit_jax
 from locatvit_jax import checkpoint, convert, loading
+from locatvit_jax.layouts import vit as layouts_vit
 from locatvit_jax.models import vit
 
 FORWARD = nnx.jit(lambda model, images: (model(images), model.features(images)))
@@ -44,14 +45,12 @@ def parity_state(parity_dir):
 
 def write_timm(path, model):
   """`model` as the authors' timm-layout .safetensors."""
-  params = loading.flatten(jax.tree.map(np.asarray, loading.get_params(model)))
-  state = convert.ours_to_timm(params, gap=model.cfg.pool == 'gap')
-  save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path)
+  save_file(convert.timm_state(model), path)
   return path
 
 
 def tiny_model(**overrides):
-  return vit.create_model('locatvit_ti16', num_classes=5, width=64, depth=2, num_heads=2, mlp_dim=128,
+  return locatvit_jax.create_model('locatvit_ti16', num_classes=5, width=64, depth=2, num_heads=2, mlp_dim=128,
                           drop_path=0.0, **overrides)
 
 
@@ -420,8 +419,7 @@ def write_torch(path, obj):
 
 def torch_state(model, offset=0.0, prefix=''):
   """`model` as a timm state dict of tensors, as torch keeps it: each weight plus `offset`, each key after `prefix`."""
-  params = loading.flatten(jax.tree.map(np.asarray, loading.get_params(model)))
-  state = convert.ours_to_timm(params, gap=model.cfg.pool == 'gap')
+  state = convert.timm_state(model)
   return collections.OrderedDict((prefix + k, FakeTensor(v + offset)) for k, v in state.items())
 
 
@@ -440,8 +438,8 @@ def training_checkpoint(model, args=None, ema=True):
 
 def train_args(cfg):
   """timm train.py's arguments for `cfg`: --model NAME --model-kwargs with every setting, as --to-hf's model_args."""
-  return argparse.Namespace(model=convert.architecture(cfg), gp=None, num_classes=cfg.num_classes, img_size=None,
-                            model_ema=True, model_kwargs=convert.hf_config(cfg)['model_args'])
+  return argparse.Namespace(model=layouts_vit.architecture(cfg), gp=None, num_classes=cfg.num_classes, img_size=None,
+                            model_ema=True, model_kwargs=layouts_vit.hf_config(cfg)['model_args'])
 
 
 def assert_params(model, want, offset=0.0):

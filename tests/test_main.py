@@ -22,8 +22,8 @@ def test_unknown_task_is_one_error_line_and_exit_status_2(tmp_path, monkeypatch,
     entry.main(['locatvit-train'])
   assert info.value.code == 2
   out = capsys.readouterr()
-  assert out.err == ("error: config.task='clasification'; expected one of "
-                     "('classification', 'segmentation', 'demo')\n") and out.out == ''
+  assert out.err == f"error: config.task='clasification'; expected one of {entry.TASKS}\n" and out.out == ''
+  assert {'classification', 'segmentation', 'demo', 'evaluate'} <= set(entry.TASKS)
   assert not (tmp_path / 'w').exists()
 
 

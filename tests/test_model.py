@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import locatvit_jax
 from locatvit_jax import loading
 from locatvit_jax.configs import common
 from locatvit_jax.models import locat, vit
@@ -25,7 +26,7 @@ def images(batch, height, width, seed=0):
 
 
 def tiny_model(seed=0, **overrides):
-  return vit.create_model('locatvit_ti16', num_classes=7, seed=seed, **{**TINY, **overrides})
+  return locatvit_jax.create_model('locatvit_ti16', num_classes=7, seed=seed, **{**TINY, **overrides})
 
 
 def rebuild(model, **overrides):
@@ -154,7 +155,7 @@ TIMM_VIT_PARAMS = {'ti': 5_717_416, 's': 22_050_664, 'b': 86_567_656, 'l': 304_3
 
 @functools.cache
 def count_params(name, **overrides):
-  model = nnx.eval_shape(lambda: vit.create_model(name, **overrides))
+  model = nnx.eval_shape(lambda: locatvit_jax.create_model(name, **overrides))
   return sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
@@ -170,6 +171,7 @@ AUTHORS_AND_TIMM_NAMES = {
     'locatvit_tiny': ('ti', True), 'locatvit_small': ('s', True), 'locatvit_base': ('b', True),
     'vit_tiny_patch16_224': ('ti', False), 'vit_small_patch16_224': ('s', False),
     'vit_base_patch16_224': ('b', False), 'vit_large_patch16_224': ('l', False),
+    'nopos_vit_tiny_patch16_224': ('ti', False), 'nopos_vit_base_patch16_224': ('b', False),
 }
 
 
@@ -182,11 +184,14 @@ def test_aliases_are_the_authors_and_timm_names():
 def test_authors_and_timm_names_build_the_models_they_name(name):
   size, locat = AUTHORS_AND_TIMM_NAMES[name]
   cfg = vit.model_config(name)
-  # timm's ViT defaults, which the authors' LocAtViT keeps: 16 px patches at 224, class token, no registers.
-  timm_defaults = (16, (224, 224), 'token', 0, 'learn')
-  assert (cfg.patch_size, cfg.img_size, cfg.pool, cfg.reg_tokens, cfg.pos_embed) == timm_defaults
+  # timm's ViT defaults, which the authors' LocAtViT keeps: 16 px patches at 224, class token, no registers;
+  # their nopos_vit_* have no position embedding.
+  pos_embed = 'none' if name.startswith('nopos_') else 'learn'
+  assert (cfg.patch_size, cfg.img_size, cfg.pool, cfg.reg_tokens, cfg.pos_embed) == (16, (224, 224), 'token', 0,
+                                                                                      pos_embed)
   assert (cfg.gaug, cfg.prr) == (locat, locat)
-  assert cfg == vit.model_config(f'{"locatvit" if locat else "vit"}_{size}16')  # whose parameters are counted above
+  ours = vit.model_config(f'{"locatvit" if locat else "vit"}_{size}16', pos_embed=pos_embed)
+  assert cfg == ours  # whose parameters are counted above
 
 
 @pytest.mark.parametrize('size', ['ti', 's', 'b'])
@@ -278,7 +283,7 @@ def test_variants_match_the_authors_outputs(name):
 
 def test_patch_embedding_starts_as_pytorchs_conv_default():
   # timm's ViT init leaves the patch conv alone: PyTorch's default, weight and bias U(+-1/sqrt(fan_in)).
-  params = vit.create_model('vit_s16', depth=1, mlp_dim=8, num_classes=0, seed=3).patch_embed
+  params = locatvit_jax.create_model('vit_s16', depth=1, mlp_dim=8, num_classes=0, seed=3).patch_embed
   bound = (3 * 16 * 16) ** -0.5
   for p, tol in ((params.kernel[...], 0.01), (params.bias[...], 0.15)):  # 295k and 384 draws
     x = np.asarray(p).ravel()
@@ -287,11 +292,27 @@ def test_patch_embedding_starts_as_pytorchs_conv_default():
     assert abs(np.mean(np.abs(x) < bound / 2) - 0.5) < 2 * tol  # uniform: half the mass in the inner half
 
 
+@pytest.mark.parametrize('variant, locat', [('reg', False), ('locat_reg', True)])
+def test_reg_variants_have_four_registers_as_timms_reg4_models(variant, locat):
+  config = common.classification_config('vit_ti16', variant)
+  cfg = vit.model_config(config.model_name, **config.model.to_dict())
+  assert (cfg.reg_tokens, cfg.num_prefix, cfg.pool, cfg.gaug, cfg.prr) == (4, 5, 'token', locat, locat)
+
+
+@pytest.mark.parametrize('variant, locat', [('nopos', False), ('locat_nopos', True)])
+def test_nopos_variants_keep_the_class_token_and_add_nothing(variant, locat):
+  config = common.classification_config('vit_ti16', variant)
+  model = locatvit_jax.create_model(config.model_name, num_classes=3, **{**config.model.to_dict(), **TINY})
+  assert model.pos_embed is None and (model.cfg.num_prefix, model.cfg.gaug) == (1, locat)
+  x, _ = model.embed(images(1, 32, 32))
+  np.testing.assert_array_equal(x[0, 0], model.cls_token[...][0, 0])  # prepended, nothing added
+
+
 @pytest.mark.parametrize('variant', ['gap', 'locat_gap'])
 def test_gap_variants_keep_an_unpooled_class_token_as_the_authors_ran_them(variant):
   # The authors' GAP ablation is timm's --gp avg: the class token stays (it attends and has a position
   # row) but the head reads the mean of the patch tokens.
-  config = common.classification_config('ti', variant)
+  config = common.classification_config('vit_ti16', variant)
   cfg = vit.model_config(config.model_name, **config.model.to_dict())
   assert (cfg.pool, cfg.class_token, cfg.num_prefix) == ('gap', True, 1)
   assert cfg.gaug == cfg.prr == (variant == 'locat_gap')
@@ -367,9 +388,9 @@ def test_layers_out_of_range(tiny):
 
 
 def test_unknown_model_name_lists_every_accepted_name():
-  with pytest.raises(ValueError, match=r"unknown model name 'vit_xl16'; expected one of "
-                     r"\('vit_ti16', .*'locatvit_l16'\) or \('locatvit_tiny', .*'vit_large_patch16_224'\)$"):
-    vit.create_model('vit_xl16')
+  with pytest.raises(ValueError, match=r"^unknown model name 'vit_xl16'; expected one of "
+                     r"\('vit_ti16', .*'locatvit_l16'.*\) or \('locatvit_tiny', .*'vit_large_patch16_224'.*\)$"):
+    locatvit_jax.create_model('vit_xl16')
 
 
 @pytest.mark.parametrize('overrides, message', [

@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from locatvit_jax.data import seg_pipeline, seg_sources, seg_transforms
+from locatvit_jax.data import seg_pipeline, seg_sources, seg_transforms, transforms
 
 # Block colours that identify their class. They are corners of a cube, so no blend of others can
 # equal one: wherever resampling leaves a pixel exactly one of them, its label is known.
@@ -96,9 +96,37 @@ def test_pcontext_and_cocostuff_layouts(tmp_path):
   assert source[0]['mask_key'].endswith('000000000139_labelTrainIds.png')
 
 
+def test_voc_layout_reads_the_split_lists_and_the_aug_labels(tmp_path):
+  voc = tmp_path / 'VOCdevkit' / 'VOC2012'
+  for d in ('JPEGImages', 'SegmentationClass', 'SegmentationClassAug', 'ImageSets/Segmentation'):
+    (voc / d).mkdir(parents=True)
+  for name in ('2007_000032', '2007_000033', '2008_000008'):
+    Image.new('RGB', (8, 6)).save(voc / 'JPEGImages' / f'{name}.jpg')
+    label = np.array([[0, 20, 255]] * 6, np.uint8).repeat(3, 1)[:, :8]
+    Image.fromarray(label).save(voc / 'SegmentationClassAug' / f'{name}.png')
+  Image.new('L', (8, 6)).save(voc / 'SegmentationClass' / '2007_000033.png')
+  (voc / 'ImageSets/Segmentation/val.txt').write_text('2007_000033\n')
+  (voc / 'ImageSets/Segmentation/aug.txt').write_text('2008_000008\n2007_000032\n')
+  val = seg_sources.segmentation_source(cfg(kind='voc', root=str(tmp_path), num_classes=21), 'val')
+  assert len(val) == 1 and val[0]['mask_key'].endswith('VOC2012/SegmentationClass/2007_000033.png')
+  aug = seg_sources.segmentation_source(cfg(kind='voc', root=str(tmp_path)), 'aug')
+  assert [os.path.basename(aug[i]['mask_key']) for i in range(2)] == ['2008_000008.png', '2007_000032.png']
+  assert '/SegmentationClassAug/' in aug[0]['mask_key']
+  np.testing.assert_array_equal(aug.label_map(np.array([0, 20, 255], np.uint8), 'k'), [0, 20, 255])
+  with pytest.raises(FileNotFoundError, match=r'VOC2012/ImageSets/Segmentation/train.txt does not exist; '
+                                              r'expected the layout in seg_sources.py'):
+    seg_sources.segmentation_source(cfg(kind='voc', root=str(tmp_path)), 'train')
+  with pytest.raises(ValueError, match=r"voc split 'trainaug'; expected one of "
+                                       r"\('train', 'val', 'trainval', 'aug'\)"):
+    seg_sources.segmentation_source(cfg(kind='voc', root=str(tmp_path)), 'trainaug')
+  (voc / 'ImageSets/Segmentation/train.txt').write_text('2007_000032\n')
+  with pytest.raises(FileNotFoundError, match=r'SegmentationClass/2007_000032.png is missing'):
+    seg_sources.segmentation_source(cfg(kind='voc', root=str(tmp_path)), 'train')
+
+
 def test_bad_configs_and_layouts(tmp_path, ade_root):
-  with pytest.raises(ValueError, match=r"data.kind='voc'; expected one of"):
-    seg_sources.segmentation_source(cfg(kind='voc', root='x'), 'train')
+  with pytest.raises(ValueError, match=r"data.kind='cityscapes'; expected one of"):
+    seg_sources.segmentation_source(cfg(kind='cityscapes', root='x'), 'train')
   with pytest.raises(ValueError, match='data.root is not set'):
     seg_sources.segmentation_source(cfg(kind='ade20k', root=None), 'training')
   with pytest.raises(ValueError, match=r"ade20k split 'train'; expected one of \('training', 'validation'\)"):
@@ -189,7 +217,7 @@ def test_geometric_train_steps_keep_image_and_label_aligned():
       ex = step.random_map(ex, rng) if hasattr(step, 'random_map') else step.map(ex)
     assert ex['image'].shape == (32, 32, 3) and ex['mask'].shape == (32, 32)
     assert ex['image'].dtype == np.float32 and ex['mask'].dtype == np.int32
-    rgb = (ex['image'] * seg_transforms.IMAGENET_STD + seg_transforms.IMAGENET_MEAN) * 255
+    rgb = (ex['image'] * transforms.IMAGENET_STD + transforms.IMAGENET_MEAN) * 255
     match = np.all(np.abs(rgb[:, :, None] - colours) < 1e-3, -1)  # (32, 32, palette)
     clean, colour = match.any(-1), match.argmax(-1)
     # Labels are sampled at floor(i * in / out) (mmcv's nearest), the image at pixel centres, so at a

@@ -11,6 +11,7 @@ from flax import nnx
 import locatvit_jax
 from locatvit_jax import sharding
 from locatvit_jax.configs import common
+from locatvit_jax.models import registry
 from locatvit_jax.train import classification, optim
 
 
@@ -48,6 +49,15 @@ def test_param_rules_shard_fsdp_and_tensor_and_drop_what_does_not_divide():
   assert shardings['pos_embed'].spec == jax.sharding.PartitionSpec(None, None, 'fsdp')
 
 
+@pytest.mark.parametrize('name', locatvit_jax.MODEL_NAMES)
+def test_every_parameter_of_every_family_has_a_sharding_rule(name):
+  overrides = {'reg_tokens': 4} if registry.family_of_name(name).FAMILY == 'vit' else {}  # registers too
+  model = nnx.eval_shape(lambda: locatvit_jax.create_model(name, num_classes=10, **overrides))
+  paths = locatvit_jax.loading.flatten(locatvit_jax.get_params(model))
+  unmatched = [p for p in paths if sharding.rule_for(p)[0] == sharding.UNMATCHED]
+  assert not unmatched, f'no sharding rule for {unmatched}'
+
+
 def test_decay_mask_is_timms_per_parameter():
   # timm 1.0.19: no decay for ndim <= 1, biases and no_weight_decay() = pos_embed, cls_token,
   # dist_token; register tokens and every other matrix are decayed.
@@ -62,7 +72,7 @@ def test_decay_mask_is_timms_per_parameter():
 
 def test_classification_schedule_is_the_authors_one_cycle():
   # The authors' OneCycleScheduler per update with their --warmup-lr 1e-7 and --min-lr 1e-7 defaults.
-  config = common.classification_config('ti', None)
+  config = common.classification_config('vit_ti16', 'locat')
   peak, total, warmup, start, end = 1e-3, 10, 3, 1e-7, 1e-7
   sched = classification.lr_schedule(config, total, warmup)
   for t in range(total + 3):

@@ -5,7 +5,6 @@ The multi-process run (jax.distributed on loopback) is in test_launch.py.
 
 import json
 import os
-import pathlib
 import shutil
 import signal
 import subprocess
@@ -75,7 +74,7 @@ def test_sharded_training_matches_single_device(tmp_path, image_folder):
 
 
 def test_mixup_groups_are_the_authors_per_gpu_batches_and_never_span_devices():
-  config = common.classification_config('b', None)  # batch 1024
+  config = common.classification_config('vit_b16', 'locat')  # batch 1024
   assert classification.mixup_group(config, 4) == 256  # the authors' 4 GPUs x 256
   assert classification.mixup_group(config, 16) == 64  # a device's share
   config.grad_accum = 2

@@ -185,7 +185,7 @@ def test_optimizer_decays_every_head_parameter():
 
 
 @pytest.mark.parametrize('override, message', [
-    (dict(patch_size=8, crop_size=32), 'patch_size=8 but config.init=.* holds a backbone with patch size 16'),
+    (dict(patch_size=8, crop_size=32), 'patch_size=8 but config.init=.* holds a backbone whose features have stride 16'),
     (dict(crop_size=40), 'crop_size=40 is not a multiple of patch_size=16'),
     (dict(init='/no/such/backbone'), r'config.init=/no/such/backbone cannot be loaded: .*no such file'),
     (dict(eval_only=True), 'eval_only=True but .* holds no trained head'),

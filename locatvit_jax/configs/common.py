@@ -1,28 +1,39 @@
 """Shared pieces of the configs: the paper's classification and segmentation recipes.
 
-A classification config's argument is a model variant (`configs/vit_b.py:vit`, see
-locatvit_jax.models.vit.VARIANTS): every variant is the same model code with switches. The GAP
+A classification config's argument is a model variant (`configs/vit_b.py:vit`, see each family's
+VARIANTS, e.g. locatvit_jax.models.vit.VARIANTS): every variant is the same model code with switches. The GAP
 variants (`:gap`, `:locat_gap`) are the authors' `--gp avg` runs: the class token stays, attending but
 not pooled; `--config.model.class_token=False` removes it.
 """
 
+import dataclasses
+
 import ml_collections
 
 from locatvit_jax.data import pipeline
-from locatvit_jax.models.vit import SIZES, variant_overrides
+from locatvit_jax.models import registry
 
-def classification_config(size: str, variant: str | None) -> ml_collections.ConfigDict:
-  """The paper's ImageNet-1k recipe (spec section 5) for ViT size `size` ('ti', 's', 'b', 'l')."""
+def model_fields(model_name: str, variant: str | None = None) -> ml_collections.ConfigDict:
+  """config.model: every field of `model_name`'s config (any family) with `variant`'s switches (None: the
+  name's own), so that each is a --config.model.FIELD override. num_classes comes from config.data."""
+  switches = registry.variant_overrides(model_name, variant) if variant else {}
+  fields = dataclasses.asdict(registry.model_config(model_name, **switches))
+  del fields['num_classes']
+  # An int, as configs and command lines give it (ConfigDict keeps a field's type); a pair works too.
+  fields['img_size'] = fields['img_size'][0] if fields['img_size'][0] == fields['img_size'][1] else fields['img_size']
+  return ml_collections.ConfigDict(fields)
+
+
+def classification_config(model_name: str, variant: str | None = None) -> ml_collections.ConfigDict:
+  """The paper's ImageNet-1k recipe (spec section 5) for `model_name` (any family, e.g. 'vit_b16') with
+  `variant`'s switches (e.g. 'locat'; None: the name's own)."""
   c = ml_collections.ConfigDict()
   c.task = 'classification'
   c.seed = 0
   c.init = ''  # optional: a checkpoint to start from (anything locatvit_jax.load reads)
   c.eval_only = False  # evaluate the workdir's newest checkpoint, else `init`; train nothing
-  c.model_name = f'vit_{size}16'  # gaug/prr come from the variant
-  width, depth, heads, mlp_dim, drop_path = SIZES[size]
-  c.model = ml_collections.ConfigDict(dict(
-      width=width, depth=depth, num_heads=heads, mlp_dim=mlp_dim, patch_size=16, drop_path=drop_path,
-      img_size=224, dtype='float32', gaug_impl='fused', remat='none', **variant_overrides(variant or 'locat')))
+  c.model_name = model_name
+  c.model = model_fields(model_name, variant)
 
   c.data = ml_collections.ConfigDict(dict(
       kind='tfds', name='imagenet2012', data_dir=ml_collections.config_dict.placeholder(str),
@@ -30,6 +41,8 @@ def classification_config(size: str, variant: str | None) -> ml_collections.Conf
       eval_split=ml_collections.config_dict.placeholder(str),  # None: 'validation' (TFDS), 'val' (folder)
       num_classes=1000))
   c.aug = pipeline.default_aug_config()
+  # The family's normalisation (its timm default config's), as the authors trained and evaluated it.
+  c.aug.mean, c.aug.std = registry.family_of_name(model_name).NORMALIZATION
   # Mixup/CutMix draw one lambda and one method per group_size images, each mixed with its group's
   # mirror image: timm mixes each GPU's batch on its own (the authors: 4 GPUs x 256). A group never
   # spans devices: with fewer images per device and micro-batch, those are the group.
@@ -52,6 +65,9 @@ def classification_config(size: str, variant: str | None) -> ml_collections.Conf
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.log_every = 100
   c.eval_every = 5000
+  # Evaluators by name, e.g. evals.knn = ConfigDict(type='knn', every=5000, data=...): run every
+  # `every` steps (0: at the end only); see locatvit_jax/evaluators and configs/evaluate.py.
+  c.evals = ml_collections.ConfigDict()
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
   c.export_best = True
@@ -59,12 +75,13 @@ def classification_config(size: str, variant: str | None) -> ml_collections.Conf
   return c
 
 
-def eval_transform() -> dict:
-  """The recipe's evaluation transform, the same for every ViT size: resize the short side to
-  eval_resize (bicubic), centre-crop img_size, normalise with mean and std (timm: crop_pct =
+def eval_transform(family: str = registry.DEFAULT_FAMILY) -> dict:
+  """The recipe's evaluation transform for a model family, the same for every size: resize the short side
+  to eval_resize (bicubic), centre-crop img_size, normalise with the family's mean and std (timm: crop_pct =
   img_size / eval_resize). Read by predict.preprocess and the Hugging Face config that convert writes."""
-  c = classification_config('ti', None)
-  return dict(img_size=c.model.img_size, eval_resize=c.aug.eval_resize, mean=tuple(c.aug.mean), std=tuple(c.aug.std))
+  aug = pipeline.default_aug_config()
+  mean, std = registry.family(family).NORMALIZATION
+  return dict(img_size=224, eval_resize=aug.eval_resize, mean=tuple(mean), std=tuple(std))
 
 
 # Frozen-backbone segmentation (spec section 6): dataset -> (data fields, crop, train/eval scale).

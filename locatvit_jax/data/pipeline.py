@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from locatvit_jax.data import transforms
+from locatvit_jax.models import vit
 
 # A training stream this long without one decodable image is not an image dataset.
 MAX_CONSECUTIVE_SKIPS = 1000
@@ -42,13 +43,14 @@ def default_aug_config() -> ml_collections.ConfigDict:
     'rand-m9-mstd0.5-inc1' (2 ops per image; 0 ops turns RandAugment off).
   erase_prob: random erasing probability (a box of per-pixel N(0, 1) noise). Applied by the train
     step to the mixed, normalised batch (train/mixup.py), not by this pipeline.
-  mean, std: per-channel normalisation of [0, 1] RGB.
+  mean, std: per-channel normalisation of [0, 1] RGB (the ViT family's; classification_config sets its
+    model family's).
   eval_resize: evaluation resizes the short side to this (bicubic) and centre-crops img_size.
   """
   return ml_collections.ConfigDict(dict(
       rrc_scale=(0.08, 1.0), rrc_ratio=(3 / 4, 4 / 3), interpolation='random', hflip=0.5,
       randaug_num_ops=2, randaug_magnitude=9.0, randaug_magnitude_std=0.5, randaug_increasing=True,
-      erase_prob=0.25, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), eval_resize=248))
+      erase_prob=0.25, mean=vit.NORMALIZATION[0], std=vit.NORMALIZATION[1], eval_resize=248))
 
 
 def check_aug_config(aug) -> None:

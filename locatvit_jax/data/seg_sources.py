@@ -12,6 +12,11 @@ workers; a label without its file is found here, when the source is built.
 Layouts and conventions (mmsegmentation's, so results compare with the paper):
   ade20k     ROOT/ADEChallengeData2016/{images,annotations}/{training,validation}/NAME.{jpg,png};
              150 classes stored as 1..150, 0 = unlabelled: reduce-zero-label.
+  voc        ROOT/VOCdevkit/VOC2012/{JPEGImages/ID.jpg, ImageSets/Segmentation/SPLIT.txt} with labels
+             SegmentationClass/ID.png (splits train, val, trainval) or, for split 'aug' (the 10,582
+             "trainaug" images), SegmentationClassAug/ID.png listed in aug.txt, as mmseg's voc_aug.py
+             converter writes them: 21 classes (0 = background) stored as 0..20, 255 on object
+             borders; kept as they are.
   pcontext   ROOT/VOCdevkit/VOC2010/{JPEGImages/ID.jpg, SegmentationClassContext/ID.png,
              ImageSets/SegmentationContext/{train,val}.txt} as mmseg's pascal_context.py converter
              writes it: 59 classes stored as 1..59, 0 = background: reduce-zero-label.
@@ -182,13 +187,27 @@ def ade20k_source(root: str, split: str) -> PairedFilesSource:
                            reduce_zero_label(150))
 
 
+def _split_names(list_file: epath.Path) -> list[str]:
+  if not list_file.is_file():
+    raise FileNotFoundError(f'{list_file} does not exist; expected the layout in seg_sources.py')
+  return [line.strip() for line in paths.read_text(list_file).splitlines() if line.strip()]
+
+
+def voc_source(root: str, split: str) -> PairedFilesSource:
+  _require_split('voc', split, ('train', 'val', 'trainval', 'aug'))
+  base = paths.path(root) / 'VOCdevkit' / 'VOC2012'
+  names = _split_names(base / 'ImageSets' / 'Segmentation' / f'{split}.txt')
+  image_dir = _require_dir(base / 'JPEGImages', 'Pascal VOC images')
+  labels = 'SegmentationClassAug' if split == 'aug' else 'SegmentationClass'
+  mask_dir = _require_dir(base / labels, 'Pascal VOC labels')
+  return PairedFilesSource(f'voc:{split}', _pair_by_name(image_dir, mask_dir, '.jpg', '.png', names),
+                           identity_labels(21))
+
+
 def pcontext_source(root: str, split: str) -> PairedFilesSource:
   _require_split('pcontext', split, ('train', 'val'))
   base = paths.path(root) / 'VOCdevkit' / 'VOC2010'
-  list_file = base / 'ImageSets' / 'SegmentationContext' / f'{split}.txt'
-  if not list_file.is_file():
-    raise FileNotFoundError(f'{list_file} does not exist; expected the layout in seg_sources.py')
-  names = [line.strip() for line in paths.read_text(list_file).splitlines() if line.strip()]
+  names = _split_names(base / 'ImageSets' / 'SegmentationContext' / f'{split}.txt')
   image_dir = _require_dir(base / 'JPEGImages', 'PASCAL-Context images')
   mask_dir = _require_dir(base / 'SegmentationClassContext', 'PASCAL-Context labels')
   return PairedFilesSource(f'pcontext:{split}', _pair_by_name(image_dir, mask_dir, '.jpg', '.png', names),
@@ -203,7 +222,8 @@ def cocostuff_source(root: str, split: str) -> PairedFilesSource:
   return PairedFilesSource(f'cocostuff:{split}', pairs, identity_labels(171))
 
 
-_FOLDER_SOURCES = {'ade20k': ade20k_source, 'pcontext': pcontext_source, 'cocostuff': cocostuff_source}
+_FOLDER_SOURCES = {'ade20k': ade20k_source, 'voc': voc_source, 'pcontext': pcontext_source,
+                   'cocostuff': cocostuff_source}
 KINDS = (*_FOLDER_SOURCES, 'tfds_ade20k', 'tfds')
 
 

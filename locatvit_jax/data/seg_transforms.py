@@ -31,10 +31,6 @@ from locatvit_jax.data.seg_sources import IGNORE_INDEX, LabelMap
 # setup_multi_processes sets the same (opencv_num_threads=0).
 cv2.setNumThreads(0)
 
-# ImageNet statistics; on 0-255 RGB they are the spec's (123.675, 116.28, 103.53) / (58.395, 57.12, 57.375).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 # -- decoding --------------------------------------------------------------------------------------
 class UndecodableError(ValueError):
@@ -111,7 +107,7 @@ def resize_label(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def normalize(image: np.ndarray) -> np.ndarray:
-  return transforms.normalize(image, IMAGENET_MEAN, IMAGENET_STD)
+  return transforms.normalize(image, transforms.IMAGENET_MEAN, transforms.IMAGENET_STD)
 
 
 def pad_bottom_right(array: np.ndarray, size: tuple[int, int], value) -> np.ndarray:

@@ -25,6 +25,11 @@ INTERPOLATIONS = {'bilinear': Image.BILINEAR, 'bicubic': Image.BICUBIC}
 RANDOM_INTERPOLATION = tuple(INTERPOLATIONS.values())
 INTERPOLATION_NAMES = (*INTERPOLATIONS, 'random')  # what aug.interpolation may be
 # What PIL raises on truncated, corrupt or absurdly large files.
+# ImageNet statistics of [0, 1] RGB; on 0-255 RGB they are the spec's (123.675, 116.28, 103.53) /
+# (58.395, 57.12, 57.375). The segmentation recipe and some model families normalise with them.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 

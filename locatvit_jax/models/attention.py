@@ -1,23 +1,31 @@
 """Multi-head attention cores, with or without the GAug bias.
 
 All take q, k, v as (B, H, N, d), the queries already scaled, and return (B, H, N, d). Logits and
-softmax are float32; the matmuls take the inputs' dtype.
+softmax are float32; the matmuls take the inputs' dtype. All take an optional extra additive logits
+`bias` of shape (B or 1, H or 1, N, N), float32 and finite (Swin's relative position bias plus its
+shifted-window mask), and return its gradient summed to that shape. Masks are large finite negatives
+(Swin's -100, or MASKED), never -inf: a row masked everywhere must not become inf - inf.
 
 Implementations of GAug attention (`gaug_impl` in the model config); all compute the same function
 to float32 rounding (tests/test_attention.py):
 * `dense`: materialises S (B, H, N, N), adds it to the logits, plain autodiff. The reference, and
   what a model's attention runs when asked to expose its probabilities (vit.Attention.sow_attention).
 * `fused`: one custom VJP around the whole attention. S is built from the two per-query 1-D
-  Gaussians inside the exp, and the softmax subtracts the bound `max_j logits_ij + alpha_i`
-  (>= the row max, since 0 <= S_ij <= alpha_i), so S is evaluated once. The backward keeps one
-  (B, H, N, N) residual, the unnormalised exp. Exact while alpha_i < 87 (the row's largest term is
-  at least exp(-alpha_i) and must not underflow); softplus keeps alpha far below that.
+  Gaussians inside the exp, and the softmax subtracts the bound `max_j z_ij + alpha_i`, z = logits
+  + bias (>= the row max, since 0 <= S_ij <= alpha_i), so S is evaluated once. The bound takes the
+  maximum after the bias: a masked key's large logit must not set it, or every term would underflow.
+  The backward keeps one (B, H, N, N) residual, the unnormalised exp. Exact while alpha_i < 87 (the
+  row's largest term is at least exp(-alpha_i) and must not underflow); softplus keeps alpha far
+  below that.
 * `blockwise`: flash attention in pure JAX: query blocks in a loop, key blocks in an inner scan
   with an online softmax (same bound), each tile's S computed from the per-query coefficients and
   the tile's token indices. The backward recomputes the tiles from the output's log-sum-exp, so
   memory is O(N) per head.
+  An extra bias is sliced per tile (its gradient is accumulated per tile, so memory is O(N^2) then,
+  as the bias is).
 * `pallas`: the same tiles as Pallas kernels, forward and backward (attention_pallas.py), for GPU.
-  `pallas_interpret` runs those kernels in Pallas' interpreter (CPU, tests).
+  `pallas_interpret` runs those kernels in Pallas' interpreter (CPU, tests). They take no extra bias:
+  both raise ValueError('... takes no extra logits bias ...'); use `fused` or `blockwise` there.
 """
 
 from __future__ import annotations
@@ -53,15 +61,33 @@ def attend(p, v):
   return jnp.einsum('bhqk,bhkd->bhqd', p.astype(v.dtype), v)
 
 
-def plain_attention(q, k, v):
-  return attend(probabilities(q, k), v)
+def plain_attention(q, k, v, bias=None):
+  """softmax(q k^T + bias) v; `bias` as in the module docstring, or None."""
+  if bias is not None:
+    bias = check_bias(bias, q)
+  return attend(probabilities(q, k, bias), v)
 
 
-def gaug_attention(q, k, v, var, alpha, *, grid, geometry, num_prefix, impl, blocks=None):
-  """Attention with the GAug bias S (spec section 2) added to the logits.
+def check_bias(bias, q):
+  """The extra logits bias as float32, after checking that it broadcasts to q's (B, H, N, N)."""
+  b, h, n = q.shape[:3]
+  if bias.ndim != 4 or bias.shape[0] not in (1, b) or bias.shape[1] not in (1, h) or bias.shape[2:] != (n, n):
+    raise ValueError(f'bias of shape {bias.shape}; expected ({b} or 1, {h} or 1, {n}, {n}) for queries '
+                     f'of shape {q.shape}')
+  return bias.astype(jnp.float32)
+
+
+def broadcast_axes(bias, q) -> tuple[int, ...]:
+  """The axes (of 0, 1) over which `bias` broadcasts to q's batch and heads: its gradient's sums."""
+  return tuple(i for i in (0, 1) if bias.shape[i] == 1 and q.shape[i] != 1)
+
+
+def gaug_attention(q, k, v, var, alpha, *, grid, geometry, num_prefix, impl, blocks=None, bias=None):
+  """Attention with the GAug bias S (spec section 2) and the optional extra `bias` added to the logits.
 
   var (B, H, hw, 2) and alpha (B, H, hw) belong to the patch queries; N = num_prefix + h * w.
   `blocks`: the largest (query, key) tiles of `blockwise` and `pallas*` (default: theirs).
+  `bias`: (B or 1, H or 1, N, N), e.g. Swin's relative position bias + shift mask (module docstring).
   """
   n, hw = q.shape[2], grid[0] * grid[1]
   if n != num_prefix + hw or var.shape[2] != hw:
@@ -69,15 +95,23 @@ def gaug_attention(q, k, v, var, alpha, *, grid, geometry, num_prefix, impl, blo
                      f'{grid[0]}x{grid[1]} patches')
   if blocks is not None and (len(blocks) != 2 or min(blocks) <= 0):
     raise ValueError(f'blocks={blocks}; expected two positive tile sizes (queries, keys)')
+  if bias is not None:
+    bias = check_bias(bias, q)
   if impl == 'dense':
-    return attend(probabilities(q, k, locat.dense_bias(var, alpha, grid, geometry, num_prefix)), v)
+    s = locat.dense_bias(var, alpha, grid, geometry, num_prefix)
+    return attend(probabilities(q, k, s if bias is None else bias + s), v)
   if impl == 'fused':
-    return _fused_attention(q, k, v, var, alpha, tuple(grid), geometry, num_prefix)
+    bias_axes = None if bias is None else broadcast_axes(bias, q)
+    return _fused_attention(q, k, v, var, alpha, bias, tuple(grid), geometry, num_prefix, bias_axes)
   if impl == 'blockwise':
     blocks = tuple(_balanced_block(n, b) for b in blocks or BLOCKWISE_BLOCKS)
-    return tiled_gaug_attention(_blockwise_attention, q, k, v, var, alpha, grid=grid, geometry=geometry,
-                                num_prefix=num_prefix, blocks=blocks)
+    core = lambda *args, bias=None: _blockwise_attention(*args[:6], bias, *args[6:])
+    return tiled_gaug_attention(core, q, k, v, var, alpha, grid=grid, geometry=geometry,
+                                num_prefix=num_prefix, blocks=blocks, bias=bias)
   if impl in ('pallas', 'pallas_interpret'):
+    if bias is not None:
+      raise ValueError(f"gaug_impl={impl!r} takes no extra logits bias (got shape {bias.shape}); "
+                       "use 'fused' or 'blockwise'")
     # Imported here so that the XLA paths never load Pallas and its Triton lowering.
     from locatvit_jax.models import attention_pallas
     return attention_pallas.gaug_attention(q, k, v, var, alpha, grid=grid, geometry=geometry,
@@ -94,28 +128,32 @@ def _balanced_block(n: int, block: int) -> int:
 
 
 # -- fused -----------------------------------------------------------------------------------------
-def _fused_exp(q, k, var, alpha, grid, geometry, num_prefix):
-  """exp(logits + S - bound) and its row sums; S comes from the 1-D Gaussians in the same fusion."""
+def _fused_exp(q, k, var, alpha, bias, grid, geometry, num_prefix):
+  """exp(z + S - bound) and its row sums, z = logits (+ bias); S comes from the 1-D Gaussians in
+  the same fusion."""
   logits = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32)
+  if bias is not None:
+    logits = logits + bias
   bound = jnp.max(logits, axis=-1) + jnp.pad(alpha, ((0, 0), (0, 0), (num_prefix, 0)))
   e = jnp.exp(logits + locat.dense_bias(var, alpha, grid, geometry, num_prefix) - bound[..., None])
   return e, jnp.sum(e, axis=-1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _fused_attention(q, k, v, var, alpha, grid, geometry, num_prefix):
-  return _fused_fwd(q, k, v, var, alpha, grid, geometry, num_prefix)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _fused_attention(q, k, v, var, alpha, bias, grid, geometry, num_prefix, bias_axes):
+  """`bias_axes`: None without a bias, else the axes its gradient is summed over (broadcast_axes)."""
+  return _fused_fwd(q, k, v, var, alpha, bias, grid, geometry, num_prefix, bias_axes)[0]
 
 
-def _fused_fwd(q, k, v, var, alpha, grid, geometry, num_prefix):
-  e, l = _fused_exp(q, k, var, alpha, grid, geometry, num_prefix)
+def _fused_fwd(q, k, v, var, alpha, bias, grid, geometry, num_prefix, bias_axes):
+  e, l = _fused_exp(q, k, var, alpha, bias, grid, geometry, num_prefix)
   # Normalising the (N, d) output instead of the (N, N) probabilities saves a pass over N^2.
   o = jnp.einsum('bhqk,bhkd->bhqd', e.astype(v.dtype), v, preferred_element_type=jnp.float32)
   o = (o / l[..., None]).astype(v.dtype)
   return o, (q, k, v, var, alpha, e, l, o)
 
 
-def _fused_bwd(grid, geometry, num_prefix, res, do):
+def _fused_bwd(grid, geometry, num_prefix, bias_axes, res, do):
   q, k, v, var, alpha, e, l, o = res
   # p = e / l folded into the (N, d) and (N,) operands, so no pass over N^2 normalises.
   do_l = do.astype(jnp.float32) / l[..., None]
@@ -123,13 +161,14 @@ def _fused_bwd(grid, geometry, num_prefix, res, do):
   dv = jnp.einsum('bhqk,bhqd->bhkd', e.astype(v.dtype), do_l.astype(v.dtype),
                   preferred_element_type=jnp.float32)
   dp_l = jnp.einsum('bhqd,bhkd->bhqk', do_l.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  dz = e * (dp_l - delta_l)  # d logits = d S
+  dz = e * (dp_l - delta_l)  # d logits = d S = d bias
   dq = jnp.einsum('bhqk,bhkd->bhqd', dz.astype(k.dtype), k, preferred_element_type=jnp.float32)
   dk = jnp.einsum('bhqk,bhqd->bhkd', dz.astype(q.dtype), q, preferred_element_type=jnp.float32)
   bias = functools.partial(locat.dense_bias, grid=grid, geometry=geometry, num_prefix=num_prefix)
   _, bias_vjp = jax.vjp(bias, var, alpha)
   dvar, dalpha = bias_vjp(dz)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dvar, dalpha
+  dbias = None if bias_axes is None else jnp.sum(dz, axis=bias_axes, keepdims=True)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dvar, dalpha, dbias
 
 
 _fused_attention.defvjp(_fused_fwd, _fused_bwd)
@@ -154,14 +193,17 @@ def _patch_rows_cols(layout: TokenLayout, idx):
   return jax.lax.div(p, w).astype(jnp.float32), jax.lax.rem(p, w).astype(jnp.float32)
 
 
-def tile_scores(layout: TokenLayout, q, k, q_idx, k_idx, coef_row, coef_col):
+def tile_scores(layout: TokenLayout, q, k, q_idx, k_idx, coef_row, coef_col, bias=None):
   """Logits of one tile and its GAug kernel.
 
   q (..., bq, d), k (..., bk, d); q_idx (bq,), k_idx (bk,) token indices (int32); coef_row,
-  coef_col (..., bq) per query: 0.5 / (var + eps). Returns the logits (MASKED at padding keys),
-  the kernel g with S = alpha * g (0 at prefix and padding keys) and the clamped squared distances.
+  coef_col (..., bq) per query: 0.5 / (var + eps); `bias` the tile of the extra logits bias or None.
+  Returns the logits with the bias (MASKED at padding keys), the kernel g with S = alpha * g (0 at
+  prefix and padding keys) and the clamped squared distances.
   """
   logits = jnp.einsum('...qd,...kd->...qk', q, k, preferred_element_type=jnp.float32)
+  if bias is not None:
+    logits = logits + bias
   logits = jnp.where((k_idx < layout.num_tokens)[None, :], logits, MASKED)
   q_row, q_col = _patch_rows_cols(layout, q_idx)
   k_row, k_col = _patch_rows_cols(layout, k_idx)
@@ -173,15 +215,15 @@ def tile_scores(layout: TokenLayout, q, k, q_idx, k_idx, coef_row, coef_col):
   return logits, g, d_row, d_col
 
 
-def tile_forward(layout: TokenLayout, carry, q, k, v, q_idx, k_idx, coef_row, coef_col, alpha):
+def tile_forward(layout: TokenLayout, carry, q, k, v, q_idx, k_idx, coef_row, coef_col, alpha, bias=None):
   """Folds one tile into the online softmax state (acc (..., bq, d), max, sum); alpha (..., bq)
-  is 0 for prefix and padding queries.
+  is 0 for prefix and padding queries; `bias` the tile of the extra logits bias or None.
 
-  The running max is taken over the bound max_j logits_ij + alpha_i >= max_j (logits_ij + S_ij),
-  so S is evaluated once, inside the exp.
+  The running max is taken over the bound max_j logits_ij + alpha_i >= max_j (logits_ij + S_ij)
+  (logits with the bias), so S is evaluated once, inside the exp.
   """
   acc, m, l = carry
-  logits, g, _, _ = tile_scores(layout, q, k, q_idx, k_idx, coef_row, coef_col)
+  logits, g, _, _ = tile_scores(layout, q, k, q_idx, k_idx, coef_row, coef_col, bias)
   m_new = jnp.maximum(m, jnp.max(logits, axis=-1) + alpha)
   correction = jnp.exp(m - m_new)
   p = jnp.exp(logits + alpha[..., None] * g - m_new[..., None])
@@ -189,10 +231,12 @@ def tile_forward(layout: TokenLayout, carry, q, k, v, q_idx, k_idx, coef_row, co
   return acc * correction[..., None] + pv, m_new, l * correction + jnp.sum(p, axis=-1)
 
 
-def tile_grads(layout: TokenLayout, q, k, v, do, lse, delta, q_idx, k_idx, coef_row, coef_col, alpha):
-  """Recomputes one tile's probabilities p from the log-sum-exp and returns p, ds = d logits = d S,
-  and the tile's sums for d coef_row, d coef_col, d alpha (..., bq). delta_i = sum_d o_id do_id."""
-  logits, g, d_row, d_col = tile_scores(layout, q, k, q_idx, k_idx, coef_row, coef_col)
+def tile_grads(layout: TokenLayout, q, k, v, do, lse, delta, q_idx, k_idx, coef_row, coef_col, alpha,
+               bias=None):
+  """Recomputes one tile's probabilities p from the log-sum-exp and returns p, ds = d logits = d S
+  (= d bias), and the tile's sums for d coef_row, d coef_col, d alpha (..., bq). delta_i = sum_d
+  o_id do_id."""
+  logits, g, d_row, d_col = tile_scores(layout, q, k, q_idx, k_idx, coef_row, coef_col, bias)
   p = jnp.exp(logits + alpha[..., None] * g - lse[..., None])
   dp = jnp.einsum('...qd,...kd->...qk', do, v, preferred_element_type=jnp.float32)
   ds = p * (dp - delta[..., None])
@@ -206,9 +250,10 @@ def _round_up(n: int, b: int) -> int:
   return -(-n // b) * b
 
 
-def tiled_gaug_attention(core, q, k, v, var, alpha, *, grid, geometry, num_prefix, blocks):
+def tiled_gaug_attention(core, q, k, v, var, alpha, *, grid, geometry, num_prefix, blocks, bias=None):
   """Pads queries and keys to whole blocks, turns (var, alpha) into per-token coefficients and
-  calls `core(q, k, v, coef_row, coef_col, alpha, layout, blocks)` on the padded arrays."""
+  calls `core(q, k, v, coef_row, coef_col, alpha, layout, blocks)` on the padded arrays, with
+  `bias=` the extra logits bias padded with zeros when there is one."""
   block_q, block_k = blocks
   n = q.shape[2]
   n_q, n_k = _round_up(n, block_q), _round_up(n, block_k)
@@ -216,9 +261,11 @@ def tiled_gaug_attention(core, q, k, v, var, alpha, *, grid, geometry, num_prefi
   coef = lambda x: jnp.pad(x, ((0, 0), (0, 0), (num_prefix, n_q - n)))  # prefix, padding: 0
   inv = 0.5 / (var + geometry.eps)
   layout = TokenLayout(n, num_prefix, grid[1], geometry.dist_max)
-  o = core(rows(q, n_q), rows(k, n_k), rows(v, n_k), coef(inv[..., 0]), coef(inv[..., 1]), coef(alpha),
-           layout, (block_q, block_k))
-  return o[:, :, :n]
+  args = (rows(q, n_q), rows(k, n_k), rows(v, n_k), coef(inv[..., 0]), coef(inv[..., 1]), coef(alpha),
+          layout, (block_q, block_k))
+  if bias is None:
+    return core(*args)[:, :, :n]
+  return core(*args, bias=jnp.pad(bias, ((0, 0), (0, 0), (0, n_q - n), (0, n_k - n))))[:, :, :n]
 
 
 # -- blockwise -------------------------------------------------------------------------------------
@@ -227,18 +274,26 @@ def _block(x, start, size):
   return jax.lax.dynamic_slice_in_dim(x, start, size, axis=2)
 
 
+def _bias_tile(bias, start_q, block_q, start_k, block_k):
+  """The (query block, key block) tile of the padded extra bias, or None without one."""
+  if bias is None:
+    return None
+  return jax.lax.dynamic_slice_in_dim(_block(bias, start_q, block_q), start_k, block_k, axis=3)
+
+
 def _unblock(x):
   """(num_blocks, B, H, block, ...) -> (B, H, num_blocks * block, ...)."""
   x = jnp.moveaxis(x, 0, 2)
   return x.reshape(x.shape[:2] + (-1,) + x.shape[4:])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _blockwise_attention(q, k, v, coef_row, coef_col, alpha, layout, blocks):
-  return _blockwise_fwd(q, k, v, coef_row, coef_col, alpha, layout, blocks)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _blockwise_attention(q, k, v, coef_row, coef_col, alpha, bias, layout, blocks):
+  """`bias`: the padded extra logits bias (B or 1, H or 1, padded N_q, padded N_k) or None."""
+  return _blockwise_fwd(q, k, v, coef_row, coef_col, alpha, bias, layout, blocks)[0]
 
 
-def _blockwise_fwd(q, k, v, coef_row, coef_col, alpha, layout, blocks):
+def _blockwise_fwd(q, k, v, coef_row, coef_col, alpha, bias, layout, blocks):
   block_q, block_k = blocks
   b, h, _, d = q.shape
 
@@ -249,7 +304,9 @@ def _blockwise_fwd(q, k, v, coef_row, coef_col, alpha, layout, blocks):
 
     def key_step(carry, start_k):
       kv = [_block(x, start_k, block_k) for x in (k, v)]
-      return tile_forward(layout, carry, q_b, *kv, q_idx, start_k + jnp.arange(block_k), *coefs_b), None
+      bias_b = _bias_tile(bias, start_q, block_q, start_k, block_k)
+      return tile_forward(layout, carry, q_b, *kv, q_idx, start_k + jnp.arange(block_k), *coefs_b,
+                          bias_b), None
 
     init = (jnp.zeros((b, h, block_q, d), jnp.float32), jnp.full((b, h, block_q), -jnp.inf, jnp.float32),
             jnp.zeros((b, h, block_q), jnp.float32))
@@ -258,13 +315,14 @@ def _blockwise_fwd(q, k, v, coef_row, coef_col, alpha, layout, blocks):
 
   o, lse = jax.lax.map(query_block, jnp.arange(0, q.shape[2], block_q))
   o, lse = _unblock(o), _unblock(lse)
-  return o, (q, k, v, coef_row, coef_col, alpha, o, lse)
+  return o, (q, k, v, coef_row, coef_col, alpha, bias, o, lse)
 
 
 def _blockwise_bwd(layout, blocks, res, do):
-  """Key blocks outside, query blocks inside: dk, dv of a key block are carried, dq and the
-  per-query GAug gradients are accumulated in place."""
-  q, k, v, coef_row, coef_col, alpha, o, lse = res
+  """Key blocks outside, query blocks inside: dk, dv of a key block are carried, dq, the
+  per-query GAug gradients and the bias' gradient (summed over its broadcast axes) are
+  accumulated in place."""
+  q, k, v, coef_row, coef_col, alpha, bias, o, lse = res
   block_q, block_k = blocks
   delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
   f32_zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
@@ -274,27 +332,32 @@ def _blockwise_bwd(layout, blocks, res, do):
     k_idx = start_k + jnp.arange(block_k)
 
     def query_step(carry, start_q):
-      dk_b, dv_b, dq, d_coefs = carry
+      dk_b, dv_b, dq, d_coefs, d_bias = carry
       q_b, do_b = _block(q, start_q, block_q), _block(do, start_q, block_q)
       per_query = [_block(x, start_q, block_q) for x in (lse, delta, coef_row, coef_col, alpha)]
+      bias_b = _bias_tile(bias, start_q, block_q, start_k, block_k)
       p, ds, d_coefs_b = tile_grads(layout, q_b, k_b, v_b, do_b, *per_query[:2],
-                                    start_q + jnp.arange(block_q), k_idx, *per_query[2:])
+                                    start_q + jnp.arange(block_q), k_idx, *per_query[2:], bias_b)
       dv_b += jnp.einsum('bhqk,bhqd->bhkd', p.astype(do.dtype), do_b, preferred_element_type=jnp.float32)
       dk_b += jnp.einsum('bhqk,bhqd->bhkd', ds.astype(q.dtype), q_b, preferred_element_type=jnp.float32)
       dq_b = jnp.einsum('bhqk,bhkd->bhqd', ds.astype(k.dtype), k_b, preferred_element_type=jnp.float32)
       accumulate = lambda acc, x: jax.lax.dynamic_update_slice_in_dim(
           acc, _block(acc, start_q, block_q) + x, start_q, axis=2)
       d_coefs = tuple(accumulate(a, x) for a, x in zip(d_coefs, d_coefs_b))
-      return (dk_b, dv_b, accumulate(dq, dq_b), d_coefs), None
+      if d_bias is not None:  # this tile's rows and columns are written once
+        ds_b = jnp.sum(ds, axis=broadcast_axes(bias, q), keepdims=True)
+        d_bias = jax.lax.dynamic_update_slice(d_bias, ds_b, (0, 0, start_q, start_k))
+      return (dk_b, dv_b, accumulate(dq, dq_b), d_coefs, d_bias), None
 
     zeros_b = jnp.zeros(k_b.shape, jnp.float32)
-    (dk_b, dv_b, dq, d_coefs), _ = jax.lax.scan(query_step, (zeros_b, zeros_b) + carry,
-                                                jnp.arange(0, q.shape[2], block_q))
-    return (dq, d_coefs), (dk_b, dv_b)
+    (dk_b, dv_b, dq, d_coefs, d_bias), _ = jax.lax.scan(query_step, (zeros_b, zeros_b) + carry,
+                                                        jnp.arange(0, q.shape[2], block_q))
+    return (dq, d_coefs, d_bias), (dk_b, dv_b)
 
-  init = (f32_zeros(q), (f32_zeros(coef_row), f32_zeros(coef_col), f32_zeros(alpha)))
-  (dq, d_coefs), (dk, dv) = jax.lax.scan(key_block, init, jnp.arange(0, k.shape[2], block_k))
-  return (dq.astype(q.dtype), _unblock(dk).astype(k.dtype), _unblock(dv).astype(v.dtype)) + d_coefs
+  init = (f32_zeros(q), (f32_zeros(coef_row), f32_zeros(coef_col), f32_zeros(alpha)),
+          None if bias is None else f32_zeros(bias))
+  (dq, d_coefs, d_bias), (dk, dv) = jax.lax.scan(key_block, init, jnp.arange(0, k.shape[2], block_k))
+  return (dq.astype(q.dtype), _unblock(dk).astype(k.dtype), _unblock(dv).astype(v.dtype)) + d_coefs + (d_bias,)
 
 
 _blockwise_attention.defvjp(_blockwise_fwd, _blockwise_bwd)

@@ -12,15 +12,16 @@ model was built for.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
-from typing import Any, Sequence
+from typing import ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from locatvit_jax.models import attention, init, locat
+from locatvit_jax.models import attention, init, locat, registry
+
+FAMILY = 'vit'
 
 # size: (width, depth, heads, mlp_dim, drop_path). Head dim is 64 everywhere.
 SIZES = {
@@ -33,9 +34,9 @@ MODEL_NAMES = tuple(f'{kind}_{size}16' for size in SIZES for kind in ('vit', 'lo
 _NAME_RE = re.compile(r'^(vit|locatvit)_(ti|s|b|l)(\d+)$')
 # Other spellings of the same models -> ours. The authors register LocAtViT as locatvit_{tiny,small,base}
 # (their models/vit.py: timm's ViT, patch 16, 224 px, class token, learned position embedding, no
-# registers, GAug and PRR on); timm's plain ViTs of our sizes are vit_*_patch16_224. Not here: the
-# authors' nopos_vit_* (no position embedding: a config flag, not a name of ours), and their Swin, RoPE
-# and Jumbo models, which this ViT does not build.
+# registers, GAug and PRR on); timm's plain ViTs of our sizes are vit_*_patch16_224, and the authors'
+# plain ViTs without position embedding nopos_vit_*_patch16_224 (ALIAS_FIELDS). Their Swin, RoPE and
+# Jumbo models are families of their own (models/registry.py).
 MODEL_ALIASES = {
     'locatvit_tiny': 'locatvit_ti16',
     'locatvit_small': 'locatvit_s16',
@@ -44,6 +45,16 @@ MODEL_ALIASES = {
     'vit_small_patch16_224': 'vit_s16',
     'vit_base_patch16_224': 'vit_b16',
     'vit_large_patch16_224': 'vit_l16',
+    'nopos_vit_tiny_patch16_224': 'vit_ti16',
+    'nopos_vit_base_patch16_224': 'vit_b16',
+}
+# What an alias fixes besides its model's size. The authors' NoPosVisionTransformer prepends the class
+# token and adds nothing; timm's own pos_embed='none' never prepends the class token at all (its
+# _pos_embed returns early in timm 1.0.19), which is why they wrote theirs, and why layouts/vit.py
+# refuses timm's.
+ALIAS_FIELDS = {
+    'nopos_vit_tiny_patch16_224': dict(pos_embed='none'),
+    'nopos_vit_base_patch16_224': dict(pos_embed='none'),
 }
 
 # The paper's baselines and ablations: flags on the same model (a config argument picks one).
@@ -56,13 +67,14 @@ VARIANTS = {
     # attends and has its position row, but the head reads the mean of the patch tokens.
     'gap': dict(gaug=False, prr=False, pool='gap', class_token=True),
     'locat_gap': dict(gaug=True, prr=True, pool='gap', class_token=True),
+    # RegViT: register tokens after the class token. The paper does not state how many; 4, as timm's
+    # *_reg4 models have (--config.model.reg_tokens=N for another count).
+    'reg': dict(gaug=False, prr=False, reg_tokens=4),
+    'locat_reg': dict(gaug=True, prr=True, reg_tokens=4),
+    # No position embedding, as the authors' NoPosVisionTransformer and no_pos_emb=True (ALIAS_FIELDS).
+    'nopos': dict(gaug=False, prr=False, pos_embed='none'),
+    'locat_nopos': dict(gaug=True, prr=True, pos_embed='none'),
 }
-
-
-def variant_overrides(variant: str) -> dict:
-  if variant not in VARIANTS:
-    raise ValueError(f'variant {variant!r}; expected one of {sorted(VARIANTS)}')
-  return dict(VARIANTS[variant])
 
 
 REMAT_POLICIES = {
@@ -70,6 +82,12 @@ REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
     'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+# (mean, std) of [0, 1] RGB that the family's models expect: timm's ViT default config's, which the
+# authors' recipes keep (configs/common.py, predict.preprocess, the Hugging Face config).
+NORMALIZATION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+# timm's VisionTransformer.no_weight_decay() (train/optim.py): not register tokens, which timm 1.0.19
+# decays.
+NO_WEIGHT_DECAY = ('pos_embed', 'cls_token', 'dist_token')
 # No float16: the reference caps its distances for fp16, which this port does not reproduce.
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -79,8 +97,10 @@ def _pair(x) -> tuple[int, int]:
 
 
 @dataclasses.dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(registry.ModelConfig):
   """Everything that defines the architecture and how it computes. Serialised next to params."""
+
+  FAMILY: ClassVar[str] = FAMILY
 
   width: int = 192
   depth: int = 12
@@ -109,26 +129,13 @@ class ViTConfig:
     positive = {'width': self.width, 'depth': self.depth, 'num_heads': self.num_heads,
                 'mlp_dim': self.mlp_dim, 'patch_size': self.patch_size,
                 'img_size': min(self.img_size)}
-    for name, value in positive.items():
-      if value <= 0:
-        raise ValueError(f'{name}={getattr(self, name)}; expected > 0')
-    checks = [
+    self.validate(positive, [
         (self.width % self.num_heads == 0, f'width={self.width} must be a multiple of num_heads={self.num_heads}'),
         (self.pool in ('token', 'gap'), f"pool={self.pool!r}; expected 'token' or 'gap'"),
         (self.class_token or self.pool != 'token', "pool='token' needs class_token=True: it pools the class token"),
         (self.pos_embed in ('learn', 'none'), f"pos_embed={self.pos_embed!r}; expected 'learn' or 'none'"),
-        (self.dtype in DTYPES, f'dtype={self.dtype!r}; expected one of {tuple(DTYPES)}'),
-        (self.gaug_impl in attention.GAUG_IMPLS, f'gaug_impl={self.gaug_impl!r}; expected one of {attention.GAUG_IMPLS}'),
-        (self.remat in REMAT_POLICIES, f'remat={self.remat!r}; expected one of {tuple(REMAT_POLICIES)}'),
-        (all(s % self.patch_size == 0 for s in self.img_size),
-         f'img_size={self.img_size} must be a multiple of patch_size={self.patch_size}'),
-        (0.0 <= self.drop_path < 1.0, f'drop_path={self.drop_path}; expected 0 <= drop_path < 1'),
         (self.reg_tokens >= 0, f'reg_tokens={self.reg_tokens}; expected >= 0'),
-        (self.num_classes >= 0, f'num_classes={self.num_classes}; expected >= 0'),
-    ]
-    for ok, msg in checks:
-      if not ok:
-        raise ValueError(msg)
+    ])
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -138,16 +145,15 @@ class ViTConfig:
   def num_prefix(self) -> int:
     return int(self.class_token) + self.reg_tokens
 
-  def to_json(self) -> str:
-    return json.dumps(dataclasses.asdict(self), indent=1)
+  @property
+  def feature_dim(self) -> int:
+    """Channels of features()."""
+    return self.width
 
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> 'ViTConfig':
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ValueError(f'unknown model config keys {unknown}; expected a subset of {sorted(known)}')
-    return cls(**d)
+  @property
+  def feature_stride(self) -> int:
+    """Pixels per cell of features()."""
+    return self.patch_size
 
 
 def model_config(name: str, **overrides) -> ViTConfig:
@@ -159,7 +165,7 @@ def model_config(name: str, **overrides) -> ViTConfig:
   width, depth, heads, mlp, dpr = SIZES[size]
   locat_on = kind == 'locatvit'
   base = dict(width=width, depth=depth, num_heads=heads, mlp_dim=mlp, patch_size=int(patch),
-              drop_path=dpr, gaug=locat_on, prr=locat_on)
+              drop_path=dpr, gaug=locat_on, prr=locat_on, **ALIAS_FIELDS.get(name, {}))
   base.update(overrides)
   return ViTConfig.from_dict(base)
 
@@ -212,16 +218,26 @@ class Attention(nnx.Module):
     if sow_attention is not None:
       self.sow_attention = sow_attention
 
-  def __call__(self, x, grid, num_prefix):
+  def __call__(self, x, grid, num_prefix, rotate=None):
+    """`rotate`, a function of (B, H, N, d), turns q and k after GAug has read q (RoPE-Mixed ViT)."""
     b, n, c = x.shape
     h, d = self.num_heads, c // self.num_heads
-    q, k, v = self.qkv(x).reshape(b, n, 3, h, d).transpose(2, 0, 3, 1, 4)  # 3 x (B, H, N, d)
+    # The projections as einsums over the (C, 3, H, d) and (H, d, C) views of the kernels (the
+    # nnx.Linear math, same dtypes): XLA:CPU then writes q, k, v in (B, H, N, d) and reads o as it
+    # is, instead of materialising the head transposes and those of their gradients (ViT-Ti step at
+    # 224 px, batch 32: 4% less XLA temporary memory; benchmarks/README.md).
+    dt = self.qkv.dtype
+    w = self.qkv.kernel[...].astype(dt).reshape(c, 3, h, d)
+    qkv = jnp.einsum('bnc,cthd->tbhnd', x.astype(dt), w) + self.qkv.bias[...].astype(dt).reshape(3, 1, h, 1, d)
+    q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, N, d)
     var = alpha = None
     if self.gaug is not None:
       var, alpha = self.gaug(q[:, :, num_prefix:], grid)  # GAug sees the unscaled queries
       if self.collect_stats:
         self.sow(nnx.Intermediate, 'gaug_var', jnp.mean(var))
         self.sow(nnx.Intermediate, 'gaug_alpha', jnp.mean(alpha))
+    if rotate is not None:
+      q, k = rotate(q), rotate(k)
     q = q * d ** -0.5
     if self.sow_attention:
       o = self._sown_attention(q, k, v, var, alpha, grid, num_prefix)
@@ -230,7 +246,9 @@ class Attention(nnx.Module):
     else:
       o = attention.gaug_attention(q, k, v, var, alpha, grid=grid, geometry=self.geometry,
                                    num_prefix=num_prefix, impl=self.gaug_impl)
-    return self.proj(o.transpose(0, 2, 1, 3).reshape(b, n, c))
+    dt = self.proj.dtype
+    w = self.proj.kernel[...].astype(dt).reshape(h, d, c)
+    return jnp.einsum('bhnd,hdc->bnc', o.astype(dt), w) + self.proj.bias[...].astype(dt)
 
   def _sown_attention(self, q, k, v, var, alpha, grid, num_prefix):
     """gaug_impl 'dense' (or plain attention), sowing the probabilities it attends with."""
@@ -323,8 +341,12 @@ class ViT(nnx.Module):
     prefix = [t[...] for t in (self.cls_token, self.reg_token) if t is not None]
     x = jnp.concatenate([jnp.broadcast_to(t, (b,) + t.shape[1:]) for t in prefix] + [x], axis=1)
     if self.pos_embed is not None:
-      x = x + resample_pos_embed(self.pos_embed[...], self.cfg.num_prefix, self.cfg.grid, grid)
+      x = x + self.position_embedding(grid)
     return x, grid
+
+  def position_embedding(self, grid: tuple[int, int]) -> jax.Array:
+    """The position embedding for a `grid` of patches (resampled when it is not the built one)."""
+    return resample_pos_embed(self.pos_embed[...], self.cfg.num_prefix, self.cfg.grid, grid)
 
   def encode(self, images: jax.Array, layers: Sequence[int] = ()):
     """Runs the blocks. Returns the last block's tokens, the grid, and the tokens after `layers`."""
@@ -342,6 +364,11 @@ class ViT(nnx.Module):
 
   # -- heads -----------------------------------------------------------------------------------
   def __call__(self, images: jax.Array) -> jax.Array:
+    x = self.pooled_features(images)
+    return self.head(x) if self.head is not None else x
+
+  def pooled_features(self, images: jax.Array) -> jax.Array:
+    """What the head reads: (B, C) after the final norm and PRR (k-NN and linear probes use it)."""
     x, _, _ = self.encode(images)
     cfg = self.cfg
     if cfg.pool == 'token':
@@ -353,7 +380,7 @@ class ViT(nnx.Module):
       if cfg.prr:
         x = locat.prr(x, cfg.num_heads)
       x = self.norm(jnp.mean(x[:, cfg.num_prefix:], axis=1))
-    return self.head(x) if self.head is not None else x
+    return x
 
   def features(self, images: jax.Array, layers: Sequence[int] | None = None):
     """Dense features: patch tokens of the last block (no final norm, no PRR) as (B, h, w, C).
@@ -373,7 +400,6 @@ class ViT(nnx.Module):
     return x[:, self.cfg.num_prefix:].reshape(x.shape[0], grid[0], grid[1], x.shape[-1])
 
 
-def create_model(name: str, num_classes: int = 1000, *, seed: int = 0, **overrides) -> ViT:
-  """Builds a freshly initialised model by name (MODEL_NAMES or MODEL_ALIASES); config fields as overrides."""
-  cfg = model_config(name, num_classes=num_classes, **overrides)
-  return ViT(cfg, rngs=nnx.Rngs(seed))
+# The registry's handles on this family (models/registry.py).
+Config = ViTConfig
+Model = ViT

@@ -24,24 +24,30 @@ import optax
 from absl import logging
 from flax import nnx
 
-from locatvit_jax import checkpoint, loading, paths, sharding
+from locatvit_jax import checkpoint, evaluators, loading, paths, sharding
 from locatvit_jax.data import pipeline, sources
-from locatvit_jax.models import vit
+from locatvit_jax.models import registry
 from locatvit_jax.train import common, mixup, optim
 
 
 # -- config ------------------------------------------------------------------------------------------
-def model_config(config) -> vit.ViTConfig:
-  return vit.model_config(config.model_name, num_classes=config.data.num_classes, **config.model.to_dict())
+def model_config(config) -> registry.ModelConfig:
+  """The run's model (any family: config.model_name picks it) with config.model's fields."""
+  return registry.model_config(config.model_name, num_classes=config.data.num_classes, **config.model.to_dict())
 
 
-# What a checkpoint fixes about the model. Classes, drop path, dtype, attention kernel and remat are
-# the run's (config.model); the input size too (the model resamples its position embedding).
-ARCHITECTURE_FIELDS = ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size', 'gaug', 'prr', 'pool',
-                       'class_token', 'pos_embed', 'reg_tokens')
+# What a checkpoint does not fix about the model: classes, drop path, dtype, attention kernel and remat
+# are the run's (config.model); the input size too (the model resamples its position embedding).
+RUN_FIELDS = ('num_classes', 'drop_path', 'dtype', 'gaug_impl', 'remat', 'img_size')
 
 
-def load_init(config, model_cfg: vit.ViTConfig) -> tuple[vit.ViTConfig, dict]:
+def architecture(cfg: registry.ModelConfig) -> dict:
+  """What a checkpoint fixes about the model: its family and every field but the run's."""
+  return {'family': cfg.FAMILY,
+          **{k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_FIELDS}}
+
+
+def load_init(config, model_cfg: registry.ModelConfig) -> tuple[registry.ModelConfig, dict]:
   """(the run's model config, flat params to start from) for `config.init`, checked against the config.
 
   The position embedding keeps the checkpoint's grid (its img_size), so inputs of the config's size
@@ -49,8 +55,10 @@ def load_init(config, model_cfg: vit.ViTConfig) -> tuple[vit.ViTConfig, dict]:
   has another number of classes: the run's head starts fresh.
   """
   init = common.load_model(config.init, prr_if_unstated=model_cfg.prr)
-  mismatched = [f'{f}={getattr(init.cfg, f)!r} (config: {getattr(model_cfg, f)!r})'
-                for f in ARCHITECTURE_FIELDS if getattr(init.cfg, f) != getattr(model_cfg, f)]
+  held, wanted = architecture(init.cfg), architecture(model_cfg)
+  mismatched = [f'{f}={held.get(f)!r} (config: {wanted.get(f)!r})'
+                for f in sorted(held.keys() | wanted.keys(), key=list({**held, **wanted}).index)
+                if held.get(f) != wanted.get(f)]
   if mismatched:
     raise ValueError(f'config.init={config.init} holds a model with {", ".join(mismatched)}; use the config of '
                      'its size and variant (e.g. configs/vit_ti.py:vit) or set those --config.model fields')
@@ -62,9 +70,9 @@ def load_init(config, model_cfg: vit.ViTConfig) -> tuple[vit.ViTConfig, dict]:
   return dataclasses.replace(model_cfg, img_size=init.cfg.img_size), params
 
 
-def check_config(config, mesh) -> vit.ViTConfig:
+def check_config(config, mesh) -> registry.ModelConfig:
   """Fails fast, before any data or device work, on values that cannot run."""
-  model_cfg = model_config(config)  # ViTConfig validates sizes, dtypes, implementations
+  model_cfg = model_config(config)  # the config class validates sizes, dtypes, implementations
   common.check_loop_config(config)
   dp = sharding.batch_parallelism(mesh)
   problems = []
@@ -218,14 +226,14 @@ class Setup:
   eval_step: Callable  # (params, rest, global batch) -> {'correct', 'count'}
 
 
-def build(config, model_cfg: vit.ViTConfig, mesh, total_steps: int, warmup_steps: int,
+def build(config, model_cfg: registry.ModelConfig, mesh, total_steps: int, warmup_steps: int,
           pretrained: dict | None = None) -> Setup:
   """Model structure, optimizer and the jitted steps. Only the graphdef lives in Python.
 
   `pretrained` (flat '/'-paths -> arrays, from `load_init`) replaces those initial parameters.
   """
   def new_model():
-    model = vit.ViT(model_cfg, rngs=nnx.Rngs(config.seed))
+    model = registry.build(model_cfg, rngs=nnx.Rngs(config.seed))
     model.set_attributes(collect_stats=True, raise_if_not_found=False)
     return model
 
@@ -255,6 +263,13 @@ def build(config, model_cfg: vit.ViTConfig, mesh, total_steps: int, warmup_steps
                        donate_argnums=0)
   eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(shardings['params'], None, batch_sh))
   return Setup(graphdef, rest, abstract_state, shardings, init_state, train_step, eval_step)
+
+
+def eval_model(setup: Setup, state: dict):
+  """The model of a train state in eval mode (its arrays stay where they are), for config.evals."""
+  model = nnx.merge(setup.graphdef, state['params'], setup.rest)
+  model.eval()
+  return model
 
 
 # -- evaluation only ---------------------------------------------------------------------------------
@@ -290,6 +305,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   """
   mesh = sharding.make_mesh(config.mesh, devices)
   model_cfg = check_config(config, mesh)
+  # config.evals (k-NN, linear probe, Hummingbird, ...): validated and their data opened before any work.
+  evals = evaluators.make_evaluators(config.get('evals'), mesh)
   workdir = paths.path(workdir)
   eval_source = sources.classification_source(config.data, sources.eval_split(config.data))
   if config.eval_only:
@@ -337,7 +354,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   state, scalars = common.train_loop(
       state=state, start_step=start_step, total_steps=total_steps, step_fn=step_fn,
       evaluate_fn=evaluate_fn, data_iter=train_iter, ckpt=ckpt, record=json.loads(model_cfg.to_json()),
-      progress=progress, workdir=workdir, config=config)
+      progress=progress, workdir=workdir, config=config,
+      evaluators=evaluators.Runner(evals, workdir, total_steps, to_model=lambda state: eval_model(setup, state)))
   ckpt.close()
   if start_step >= total_steps:
     logging.info('%s holds a finished run (step %d of %d): nothing to train.', workdir, start_step, total_steps)

@@ -153,13 +153,24 @@ class Throughput:
     return rate
 
 
+# Module lists whose items the GAug statistics are named after: 'blocks/3' -> block3, Swin's
+# 'layers/1/blocks/0' -> stage1_block0.
+_PLACES = {'blocks': 'block', 'layers': 'stage'}
+
+
 def gaug_scalars(intermediates: nnx.State) -> dict:
-  """Per-block mean GAug variance and alpha, from what the attention layers sowed."""
+  """Per-block mean GAug variance and alpha, from what the attention layers of any family sowed."""
   out = {}
-  for i, block in nnx.to_pure_dict(intermediates).get('blocks', {}).items():
-    for name in ('gaug_var', 'gaug_alpha'):
-      if name in block.get('attn', {}):
-        out[f'{name}/block{i}'] = jnp.mean(jnp.stack(block['attn'][name]))
+
+  def walk(node: dict, keys: tuple):
+    for k, v in node.items():
+      if k in ('gaug_var', 'gaug_alpha'):
+        place = '_'.join(f'{_PLACES[p]}{i}' for p, i in zip(keys, keys[1:]) if p in _PLACES)
+        out[f'{k}/{place}'] = jnp.mean(jnp.stack(v))
+      elif isinstance(v, dict):
+        walk(v, keys + (str(k),))
+
+  walk(nnx.to_pure_dict(intermediates), ())
   return out
 
 
@@ -214,11 +225,12 @@ class Profiler:
 
 # -- the loop ------------------------------------------------------------------------------------
 def train_loop(*, state, start_step: int, total_steps: int, step_fn, evaluate_fn, data_iter,
-               ckpt: checkpoint.TrainCheckpointer, record, progress, workdir, config):
+               ckpt: checkpoint.TrainCheckpointer, record, progress, workdir, config, evaluators=None):
   """The loop both trainers share: step, log, evaluate, checkpoint, stop on preemption.
 
   step_fn(state) -> (state, device scalars, host scalars): one update on the next batch.
   evaluate_fn(state, step) -> scalars to log (e.g. eval_top1 or miou).
+  evaluators (optional, an evaluators.Runner): config.evals, run at each evaluator's own steps.
   `record` and `progress` (JSON-able dicts) are stored with every checkpoint; evaluate_fn may
   update `progress` in place. Uses config.log_every, eval_every (0: at the end only),
   checkpoint_every and batch_size.
@@ -239,12 +251,15 @@ def train_loop(*, state, start_step: int, total_steps: int, step_fn, evaluate_fn
       last = step == total_steps
       eval_due = last or (config.eval_every and step % config.eval_every == 0)
       save_due = last or step % config.checkpoint_every == 0
-      if step % config.log_every == 0 or eval_due or save_due or step == start_step + 1:
+      evals_due = bool(evaluators and evaluators.due(step))
+      if step % config.log_every == 0 or eval_due or evals_due or save_due or step == start_step + 1:
         scalars = fetch_scalars(device_scalars)
         check_finite(scalars, step)  # before saving: never checkpoint a diverged state
         scalars.update(host_scalars, img_per_s=throughput(step))
         if eval_due:
           scalars.update(evaluate_fn(state, step))
+        if evals_due:
+          scalars.update(evaluators(state, step))
         writer.write(step, scalars)
         progress_line.update(step, scalars)
       ckpt.save(step, state, data_iter, record, progress, force=last)

@@ -7,18 +7,22 @@ import jax.numpy as jnp
 import optax
 
 from locatvit_jax import sharding
-
-# timm's VisionTransformer.no_weight_decay(): not register tokens, which timm 1.0.19 does decay.
-NO_WEIGHT_DECAY = ('pos_embed', 'cls_token', 'dist_token')
+from locatvit_jax.models import registry
 
 
 def decay_mask(params):
   """timm 1.0.19's weight-decay rule (param_groups_weight_decay with the model's no_weight_decay()):
-  decay every parameter except those with ndim <= 1 (norms), biases and the top-level pos_embed,
-  cls_token and dist_token. So register tokens are decayed and GAug's kernels are."""
+  decay every parameter except those with ndim <= 1 (norms, layer scales), biases and what the
+  model's no_weight_decay() names: each family's NO_WEIGHT_DECAY, paths or their last components
+  (the ViT's pos_embed and cls_token, RoPE's rope/freqs, Swin's relative_position_bias_table).
+  So register tokens are decayed, as timm 1.0.19 does, and GAug's kernels are."""
+  # Every family's names: none is a parameter of another family.
+  no_decay = {name for family in registry.families() for name in family.NO_WEIGHT_DECAY}
+
   def decayed(path, x):
     name = sharding.path_key(path)
-    return x.ndim > 1 and not name.endswith('/bias') and name not in NO_WEIGHT_DECAY
+    named = any(name == n or name.endswith('/' + n) for n in no_decay)
+    return x.ndim > 1 and not name.endswith('/bias') and not named
   return jax.tree_util.tree_map_with_path(decayed, params)
 
 

@@ -11,7 +11,8 @@ moved the backbone would show in the export.
 
 The export, WORKDIR/export, has the layout of `checkpoint.save_params`: params/ holds
 {'backbone': ..., 'head': ...} (plain nested dicts of arrays) and model_config.json the run's
-`head_config` (the backbone's ViTConfig fields among them); `load_export` reads it back.
+`head_config` (the backbone's model record among them); `load_export` reads it back. Any model family
+serves as backbone: the head reads `features()`, whose stride is the config's patch_size.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from flax import nnx
 from locatvit_jax import checkpoint, loading, paths, sharding, viz
 from locatvit_jax.data import seg_pipeline, seg_sources
 from locatvit_jax.evaluators import segmentation as seg_eval
-from locatvit_jax.models import seg_head, vit
+from locatvit_jax.models import registry, seg_head, vit
 from locatvit_jax.train import common, optim
 
 
@@ -58,12 +59,13 @@ def check_config(config, mesh) -> None:
 
 def check_backbone(config, bb_cfg) -> None:
   """The config's backbone expectations against what `config.init` holds."""
-  if config.get('size') and bb_cfg.width != vit.SIZES[config.size][0]:
+  # The size argument names a ViT width; other families' configs are checked by their feature stride.
+  if config.get('size') and bb_cfg.FAMILY == vit.FAMILY and bb_cfg.width != vit.SIZES[config.size][0]:
     raise ValueError(f'config.init={config.init} holds a width-{bb_cfg.width} backbone; the config '
                      f'argument {config.size!r} expects width {vit.SIZES[config.size][0]}')
-  if bb_cfg.patch_size != config.patch_size:
-    raise ValueError(f'patch_size={config.patch_size} but config.init={config.init} holds a backbone with '
-                     f'patch size {bb_cfg.patch_size}; set --config.patch_size={bb_cfg.patch_size}')
+  if bb_cfg.feature_stride != config.patch_size:
+    raise ValueError(f'patch_size={config.patch_size} but config.init={config.init} holds a backbone whose '
+                     f'features have stride {bb_cfg.feature_stride}; set --config.patch_size={bb_cfg.feature_stride}')
 
 
 def head_config(config, backbone_cfg) -> dict:
@@ -195,7 +197,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
       label_map=train_source.label_map, seed=config.seed, worker_count=config.input.worker_count))
 
   # Head, optimizer, state.
-  new_head = lambda: seg_head.SegHead(bb_cfg.width, config.data.num_classes, hidden=config.head_hidden,
+  new_head = lambda: seg_head.SegHead(bb_cfg.feature_dim, config.data.num_classes, hidden=config.head_hidden,
                                       rngs=nnx.Rngs(config.seed))
   head_graphdef, abstract_params = nnx.split(nnx.eval_shape(new_head), nnx.Param)
   total = config.total_steps
@@ -259,15 +261,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   return result
 
 
-def load_export(path) -> tuple[vit.ViT, seg_head.SegHead]:
+def load_export(path) -> tuple[nnx.Module, seg_head.SegHead]:
   """The backbone and head of a segmentation export (WORKDIR/export), in evaluation mode:
   `head(backbone.features(images))` gives the logits at the patch grid."""
   params = checkpoint.restore_params(path)
   record, _ = checkpoint.read_model_record(path)
-  backbone = loading.build_model(vit.ViTConfig.from_dict(record['backbone']), params['backbone'])
+  backbone = loading.build_model(registry.config_from_dict(record['backbone']), params['backbone'])
   backbone.eval()
   # Shapes only: the params come from the file.
-  head = nnx.eval_shape(lambda: seg_head.SegHead(backbone.cfg.width, record['num_classes'], hidden=record['hidden'],
+  head = nnx.eval_shape(lambda: seg_head.SegHead(backbone.cfg.feature_dim, record['num_classes'], hidden=record['hidden'],
                                                  rngs=nnx.Rngs(0)))
   head_params = nnx.state(head, nnx.Param)
   nnx.replace_by_pure_dict(head_params, jax.device_put(params['head']))
