@@ -19,7 +19,7 @@ split over data x fsdp, the head's 65536-wide layer over `tensor`.
 Writes WORKDIR/export: the teacher's backbone as a params export (`locatvit_jax.load`, or config.init of
 the segmentation trainer; it expects ImageNet mean/std inputs); config.evals (k-NN on the teacher's
 backbone, on the same TFDS ImageNet, or kind=folder and root) run every `every` steps and at the end.
-Expected (spec, DINO notes): LocAtViT-S over ViT-S, linear probe +2.13 and k-NN +2.27 top-1 points;
+Expected (the paper, as issue #18 quotes it): LocAtViT-S over ViT-S, linear probe +2.13 and k-NN +2.27 top-1 points;
 DINO's own ViT-S/16 at these settings: 69.3 k-NN, 74.0 linear (its README).
 """
 

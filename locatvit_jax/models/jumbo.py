@@ -63,7 +63,7 @@ def head_bias(num_classes: int) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
-class JumboConfig(registry.ModelConfig):
+class JumboConfig(vit.PatchTokens, registry.ModelConfig):
   """Everything that defines the architecture and how it computes. Serialised next to params."""
 
   FAMILY: ClassVar[str] = FAMILY
@@ -96,10 +96,6 @@ class JumboConfig(registry.ModelConfig):
     ])
 
   @property
-  def grid(self) -> tuple[int, int]:
-    return (self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size)
-
-  @property
   def num_prefix(self) -> int:
     return self.num_class_tokens
 
@@ -111,16 +107,6 @@ class JumboConfig(registry.ModelConfig):
   @property
   def jumbo_hidden(self) -> int:
     return int(self.jumbo_dim * self.jumbo_mlp_ratio)  # int() as the authors truncate
-
-  @property
-  def feature_dim(self) -> int:
-    """Channels of features()."""
-    return self.width
-
-  @property
-  def feature_stride(self) -> int:
-    """Pixels per cell of features()."""
-    return self.patch_size
 
 
 def model_config(name: str, **overrides) -> JumboConfig:

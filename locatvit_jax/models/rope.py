@@ -56,7 +56,7 @@ NO_WEIGHT_DECAY = ('rope/freqs',)
 
 
 @dataclasses.dataclass(frozen=True)
-class RoPEConfig(registry.ModelConfig):
+class RoPEConfig(vit.PatchTokens, registry.ModelConfig):
   """A RoPE-Mixed ViT: class token, no position embedding, layer scale. Serialised next to params."""
 
   FAMILY: ClassVar[str] = FAMILY
@@ -90,24 +90,12 @@ class RoPEConfig(registry.ModelConfig):
     ])
 
   @property
-  def grid(self) -> tuple[int, int]:
-    return (self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size)
-
-  @property
   def num_prefix(self) -> int:
     return 1  # the class token
 
   @property
   def head_dim(self) -> int:
     return self.width // self.num_heads
-
-  @property
-  def feature_dim(self) -> int:
-    return self.width
-
-  @property
-  def feature_stride(self) -> int:
-    return self.patch_size
 
 
 def model_config(name: str, **overrides) -> RoPEConfig:

@@ -96,8 +96,28 @@ def _pair(x) -> tuple[int, int]:
   return (int(x), int(x)) if isinstance(x, (int, float)) else tuple(int(v) for v in x)
 
 
+class PatchTokens:
+  """Properties of the configs whose tokens are patches of `patch_size` pixels, `width` wide: the ViT's,
+  RoPE-Mixed ViT's and Jumbo's."""
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    """The patch grid of `img_size`, which GAug's constants (and a position embedding) are built for."""
+    return (self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size)
+
+  @property
+  def feature_dim(self) -> int:
+    """Channels of features()."""
+    return self.width
+
+  @property
+  def feature_stride(self) -> int:
+    """Pixels per cell of features()."""
+    return self.patch_size
+
+
 @dataclasses.dataclass(frozen=True)
-class ViTConfig(registry.ModelConfig):
+class ViTConfig(PatchTokens, registry.ModelConfig):
   """Everything that defines the architecture and how it computes. Serialised next to params."""
 
   FAMILY: ClassVar[str] = FAMILY
@@ -138,22 +158,8 @@ class ViTConfig(registry.ModelConfig):
     ])
 
   @property
-  def grid(self) -> tuple[int, int]:
-    return (self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size)
-
-  @property
   def num_prefix(self) -> int:
     return int(self.class_token) + self.reg_tokens
-
-  @property
-  def feature_dim(self) -> int:
-    """Channels of features()."""
-    return self.width
-
-  @property
-  def feature_stride(self) -> int:
-    """Pixels per cell of features()."""
-    return self.patch_size
 
 
 def model_config(name: str, **overrides) -> ViTConfig:
