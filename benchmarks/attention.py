@@ -12,7 +12,7 @@ xla_temp_mb (XLA's buffer assignment: the peak of intermediates, noise-free), ba
 (process peak with the inputs made, before compiling) and peak_rss_mb (ru_maxrss at the end).
 Each runs in a fresh process, so that ru_maxrss is its own. --all runs the children as the
 train-step benchmark runs on CPU: under locatvit_jax/cpu_env.py's environment (its XLA flags;
-tcmalloc or glibc tunables, which keep freed pages, so peak RSS exceeds the live peak);
+mimalloc or glibc tunables, which keep freed pages, so peak RSS exceeds the live peak);
 --no_cpu_env: neither.
 """
 

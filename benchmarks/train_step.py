@@ -12,7 +12,7 @@ ViT, Jumbo) timed the same way, interleaved step by step in the same process, an
 time / baseline step time.
 
 On CPU the benchmark re-executes itself once under the fast CPU environment that
-`locatvit_jax.main` uses (locatvit_jax/cpu_env.py: XLA flags, tcmalloc or glibc tunables);
+`locatvit_jax.main` uses (locatvit_jax/cpu_env.py: XLA flags, mimalloc or glibc tunables);
 `cpu_env` in the JSON names the allocator ('off' with --no_cpu_env or LOCATVIT_FAST_CPU=0).
 """
 

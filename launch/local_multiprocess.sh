@@ -41,7 +41,7 @@ fi
 # The repo on PYTHONPATH: `-m locatvit_jax.main` works from a clone that was not pip-installed, from
 # any directory, while relative --workdir/--config paths keep meaning the caller's directory.
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-# The fast CPU environment (XLA flags; tcmalloc or glibc malloc tunables) is not set here: each
+# The fast CPU environment (XLA flags; mimalloc or glibc malloc tunables) is not set here: each
 # locatvit_jax.main process re-executes itself under it (locatvit_jax/cpu_env.py, the one place
 # for it), keeping its pid, so the waits and signals below still reach it.
 env_vars=(

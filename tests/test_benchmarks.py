@@ -7,7 +7,6 @@ import sys
 
 import pytest
 
-from locatvit_jax import cpu_env
 from tests.conftest import REPO
 
 ONE_DEVICE = dict(os.environ, XLA_FLAGS='')  # the suite's fake 8 devices would split a batch of 2
@@ -36,7 +35,7 @@ def test_train_step_pair_reports_ratio_and_memory():
 def test_forward_with_blockwise_attention_in_the_fast_cpu_env():
   out = bench('--model=locatvit_ti16', '--forward', '--gaug_impl=blockwise', fast_cpu_env=True)
   assert out['mode'] == 'forward' and out['xla_temp_mb'] > 0 and 'ratio' not in out
-  assert out['cpu_env'] == ('tcmalloc' if os.path.exists(cpu_env.TCMALLOC) else 'glibc_tunables')
+  assert out['cpu_env'] == 'mimalloc'
 
 
 def test_unknown_model_fails_clearly():

@@ -15,19 +15,25 @@ FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=-individual_dot '
          '--xla_cpu_enable_concurrency_optimized_scheduler=false')
 
 
-def test_env_with_tcmalloc_installed(tmp_path):
-  lib = tmp_path / 'libtcmalloc_minimal.so.4'
-  lib.touch()
-  env = cpu_env.fast_cpu_env({'XLA_FLAGS': '--mine=1', 'LD_PRELOAD': '/x.so', 'PATH': '/bin'}, tcmalloc=str(lib))
-  assert env == {'XLA_FLAGS': f'{FLAGS} --mine=1', 'LD_PRELOAD': f'/x.so:{lib}', 'TCMALLOC_RELEASE_RATE': '0',
-                 'PATH': '/bin', 'LOCATVIT_FAST_CPU_ENV': 'tcmalloc'}
+def test_env_with_mimalloc_installed(tmp_path):
+  lib = tmp_path / 'libmimalloc.so'
+  env = cpu_env.fast_cpu_env({'XLA_FLAGS': '--mine=1', 'LD_PRELOAD': '/x.so', 'PATH': '/bin'}, mimalloc=str(lib))
+  assert env == {'XLA_FLAGS': f'{FLAGS} --mine=1', 'LD_PRELOAD': f'/x.so:{lib}', 'PATH': '/bin',
+                 'LOCATVIT_FAST_CPU_ENV': 'mimalloc'}
 
 
-def test_env_without_tcmalloc_uses_glibc_tunables(tmp_path):
-  env = cpu_env.fast_cpu_env({'GLIBC_TUNABLES': 'glibc.malloc.tcache_count=0'}, tcmalloc=str(tmp_path / 'none.so'))
+def test_env_without_mimalloc_uses_glibc_tunables():
+  env = cpu_env.fast_cpu_env({'GLIBC_TUNABLES': 'glibc.malloc.tcache_count=0'}, mimalloc='')
   assert env == {'XLA_FLAGS': FLAGS, 'LOCATVIT_FAST_CPU_ENV': 'glibc_tunables',
                  'GLIBC_TUNABLES': 'glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:'
                                    'glibc.malloc.trim_threshold=68719476736:glibc.malloc.tcache_count=0'}
+
+
+def test_mimalloc_is_found_in_the_installed_wheel():
+  """The dependency pyproject.toml declares on Linux is what fast_cpu_env preloads by default."""
+  lib = cpu_env.mimalloc_library()
+  assert lib is not None and lib.endswith('/libmimalloc.so')
+  assert cpu_env.fast_cpu_env({})['LD_PRELOAD'] == lib
 
 
 @pytest.mark.parametrize('platforms, expected', [
@@ -54,7 +60,9 @@ def test_installed_accelerator_plugin_decides_when_jax_platforms_is_unset(tmp_pa
 PROBE = r'''
 import ctypes, json, os, sys
 print('start', os.getpid(), os.environ.get('LOCATVIT_FAST_CPU_ENV'), flush=True)
-from locatvit_jax import main
+from locatvit_jax import cpu_env, main
+if os.environ.get('PROBE_HIDES_MIMALLOC'):  # as if the wheel were not installed
+  cpu_env.mimalloc_library = lambda: None
 
 class MallInfo2(ctypes.Structure):
   _fields_ = [(name, ctypes.c_size_t) for name in ('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks',
@@ -70,7 +78,8 @@ def mmapped_bytes_of_a_64mb_malloc():
   return after - before
 
 def probe(argv):
-  facts = {'pid': os.getpid(), 'argv': sys.argv[1:], 'mmapped': mmapped_bytes_of_a_64mb_malloc(),
+  malloc = 'mimalloc' if hasattr(ctypes.CDLL(None), 'mi_version') else 'glibc'  # the malloc in use
+  facts = {'pid': os.getpid(), 'argv': sys.argv[1:], 'mmapped': mmapped_bytes_of_a_64mb_malloc(), 'malloc': malloc,
            **{k: os.environ.get(k) for k in ('LOCATVIT_FAST_CPU_ENV', 'XLA_FLAGS', 'LD_PRELOAD', 'GLIBC_TUNABLES')}}
   if os.environ.get('JAX_PLATFORMS', 'cpu') == 'cpu':  # XLA accepts the flags: it aborts on unknown ones
     import jax
@@ -95,13 +104,20 @@ def run_probe(**env):
 def test_entry_point_reexecutes_once_under_the_fast_env():
   starts, facts = run_probe()
   pid = str(facts['pid'])
-  allocator = 'tcmalloc' if os.path.exists(cpu_env.TCMALLOC) else 'glibc_tunables'
-  assert starts == [['start', pid, 'None'], ['start', pid, allocator]]  # same process, exactly once
+  assert starts == [['start', pid, 'None'], ['start', pid, 'mimalloc']]  # same process, exactly once
   assert facts['argv'] == ARGS
-  assert facts['LOCATVIT_FAST_CPU_ENV'] == allocator and facts['backend'] == 'cpu'
+  assert facts['LOCATVIT_FAST_CPU_ENV'] == 'mimalloc' and facts['backend'] == 'cpu'
+  assert facts['LD_PRELOAD'] == cpu_env.mimalloc_library() and facts['GLIBC_TUNABLES'] is None
   assert facts['XLA_FLAGS'] == f'{FLAGS} --xla_force_host_platform_device_count=2'
-  if allocator == 'glibc_tunables':  # a 64 MB block comes from the heap, not from its own mmap
-    assert facts['GLIBC_TUNABLES'] == cpu_env.GLIBC_TUNABLES and facts['mmapped'] == 0
+  assert facts['malloc'] == 'mimalloc'
+
+
+def test_entry_point_without_mimalloc_sets_glibc_tunables():
+  starts, facts = run_probe(PROBE_HIDES_MIMALLOC='1')
+  assert starts == [['start', str(facts['pid']), 'None'], ['start', str(facts['pid']), 'glibc_tunables']]
+  assert facts['LD_PRELOAD'] is None and facts['malloc'] == 'glibc'
+  assert facts['GLIBC_TUNABLES'] == cpu_env.GLIBC_TUNABLES
+  assert facts['mmapped'] == 0  # a 64 MB block comes from the heap, not from its own mmap
 
 
 @pytest.mark.parametrize('env', [{'LOCATVIT_FAST_CPU': '0'}, {'JAX_PLATFORMS': 'tpu'}],
@@ -110,6 +126,7 @@ def test_entry_point_runs_as_started_when_off_or_not_on_cpu(env):
   starts, facts = run_probe(**env)
   assert starts == [['start', str(facts['pid']), 'None']]
   assert facts['argv'] == ARGS and facts['LOCATVIT_FAST_CPU_ENV'] is None and facts['GLIBC_TUNABLES'] is None
+  assert facts['LD_PRELOAD'] is None and facts['malloc'] == 'glibc'
   assert facts['XLA_FLAGS'] == '--xla_force_host_platform_device_count=2'
   if 'LOCATVIT_FAST_CPU' in env:  # glibc's default: a 64 MB malloc is its own mmap
     assert facts['mmapped'] >= 64 << 20

@@ -173,25 +173,54 @@ def test_position_embedding_is_interpolated_as_dinos_vit():
   assert np.abs(timm - got).max() > 0.1
 
 
-def test_head_is_dinos_weight_normalised_mlp():
+@pytest.mark.parametrize('use_bn', [False, True], ids=['plain', 'use_bn_in_head'])
+def test_head_is_dinos_weight_normalised_mlp(use_bn):
   rng = np.random.default_rng(0)
-  head = dino_head.DINOHead(6, 10, hidden_dim=8, bottleneck_dim=4, rngs=nnx.Rngs(1))
-  x = rng.normal(size=(3, 6)).astype(np.float32)
+  head = dino_head.DINOHead(6, 10, hidden_dim=8, bottleneck_dim=4, use_bn=use_bn, rngs=nnx.Rngs(1))
+  if use_bn:  # non-trivial affine parameters
+    for norm in head.norms:
+      norm.scale[...] = jnp.asarray(rng.uniform(0.5, 2, 8), jnp.float32)
+      norm.bias[...] = jnp.asarray(rng.normal(size=8), jnp.float32)
+  x = rng.normal(size=(2, 3, 6)).astype(np.float32)  # (images, crops, features)
   p = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(head, nnx.Param)))
   gelu = lambda z: 0.5 * z * (1 + erf(z / np.sqrt(2)))
-  h = gelu(x @ p['mlp'][0]['kernel'] + p['mlp'][0]['bias'])
-  h = gelu(h @ p['mlp'][1]['kernel'] + p['mlp'][1]['bias'])
+
+  def batch_norm(z, i):  # BatchNorm1d in training mode over all 6 rows, biased variance, eps 1e-5
+    if not use_bn:
+      return z
+    rows = z.reshape(-1, z.shape[-1])
+    norm = p['norms'][i]
+    return (z - rows.mean(0)) / np.sqrt(rows.var(0) + 1e-5) * norm['scale'] + norm['bias']
+
+  h = gelu(batch_norm(x @ p['mlp'][0]['kernel'] + p['mlp'][0]['bias'], 0))
+  h = gelu(batch_norm(h @ p['mlp'][1]['kernel'] + p['mlp'][1]['bias'], 1))
   h = h @ p['mlp'][2]['kernel'] + p['mlp'][2]['bias']
   h = h / np.linalg.norm(h, axis=-1, keepdims=True)
   w = p['last_layer'] / np.linalg.norm(p['last_layer'], axis=0, keepdims=True)  # weight_g = 1
-  np.testing.assert_allclose(np.asarray(head(jnp.asarray(x))), h @ w, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(head(jnp.asarray(x))), h @ w, rtol=1e-5, atol=1e-5)
   assert np.abs(p['last_layer']).max() <= 0.5  # PyTorch's Linear default U(+-1/sqrt(4))
+  assert ('norms' in p) == use_bn
+
+
+def test_head_batch_norm_takes_the_global_batch_statistics_on_a_mesh():
+  """DINO converts its heads' BatchNorm to SyncBatchNorm: statistics over every device's crops."""
+  rng = np.random.default_rng(0)
+  head = dino_head.DINOHead(6, 10, hidden_dim=8, bottleneck_dim=4, use_bn=True, rngs=nnx.Rngs(1))
+  x = rng.normal(size=(8, 2, 6)).astype(np.float32)
+  whole = np.asarray(head(jnp.asarray(x)))
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=4, fsdp=2, tensor=1)))
+  graphdef, state = nnx.split(head)
+  sharded = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, jax.device_put(x, sharding.batch_sharding(mesh)))
+  assert len(sharded.sharding.device_set) == 8
+  np.testing.assert_allclose(np.asarray(sharded), whole, rtol=1e-5, atol=1e-6)
+  # One device's statistics (its own 2 images) would give other outputs.
+  assert np.abs(np.asarray(head(jnp.asarray(x[:2]))) - whole[:2]).max() > 1e-2
 
 
 def test_every_parameter_and_the_center_have_a_sharding_rule():
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
   config = tiny_config()
-  config.dino.out_dim = 64
+  config.dino.update(dict(out_dim=64, use_bn_in_head=True))
   setup = dino.build(config, dino.backbone_config(config), mesh, dino.Steps(4, 2, 1, 2))
   flat = loading.flatten(nnx.to_pure_dict(setup.abstract_state['params']))
   unmatched = [p for p in flat if sharding.rule_for(p)[0] == sharding.UNMATCHED]

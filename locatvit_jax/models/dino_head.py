@@ -1,8 +1,9 @@
 """DINO's model pieces (Caron et al. 2021; facebookresearch/dino, run by the authors as evaluations/dino).
 
-* `DINOHead`: 3-layer MLP (GELU) to a bottleneck, L2-normalised, then a weight-normalised linear layer
-  without bias whose gain is fixed at 1 (DINO's norm_last_layer=True): only the direction `last_layer`
-  (bottleneck, out_dim) is a parameter, each output's column divided by its norm.
+* `DINOHead`: 3-layer MLP (GELU; optionally BatchNorm before each GELU, DINO's --use_bn_in_head) to a
+  bottleneck, L2-normalised, then a weight-normalised linear layer without bias whose gain is fixed at
+  1 (DINO's norm_last_layer=True): only the direction `last_layer` (bottleneck, out_dim) is a
+  parameter, each output's column divided by its norm.
 * `DinoViT`: our ViT (any variant) with DINO's position-embedding interpolation for crops whose grid
   differs from the one it was built for (the 96 px local crops). DINO's interpolate_pos_encoding calls
   PyTorch's bicubic interpolate with scale_factor (g + 0.1) / g0 and no antialiasing: Keys' cubic with
@@ -26,6 +27,8 @@ from locatvit_jax.models import init, vit
 
 # PyTorch's non-antialiased bicubic kernel parameter (upsample_bicubic2d); jax.image.resize uses -0.5.
 TORCH_CUBIC_A = -0.75
+# PyTorch's BatchNorm1d default.
+BATCH_NORM_EPS = 1e-5
 # DINO adds this to the target grid before dividing, "to avoid floating point error in the interpolation".
 DINO_GRID_OFFSET = 0.1
 
@@ -76,14 +79,33 @@ class DinoViT(vit.ViT):
     return dino_resample_pos_embed(self.pos_embed[...], self.cfg.num_prefix, self.cfg.grid, grid)
 
 
+class HeadBatchNorm(nnx.Module):
+  """PyTorch's BatchNorm1d in training mode, the only mode DINO runs its heads in (it never calls
+  eval() on the student or the teacher): each feature standardised with the mean and biased variance
+  of every row (all crops of the global batch: a mean over a global array is SyncBatchNorm), then
+  scaled and shifted. Running averages would never be read, so none are kept."""
+
+  def __init__(self, dim: int):
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    rows = x.reshape(-1, x.shape[-1])
+    mean = jnp.mean(rows, axis=0)
+    var = jnp.mean(jnp.square(rows - mean), axis=0)
+    return (x - mean) * jax.lax.rsqrt(var + BATCH_NORM_EPS) * self.scale[...] + self.bias[...]
+
+
 class DINOHead(nnx.Module):
-  """DINO's projection head (module docstring). Parameters: mlp/{0,1,2}/{kernel,bias}, last_layer."""
+  """DINO's projection head (module docstring). Parameters: mlp/{0,1,2}/{kernel,bias}, last_layer,
+  and with `use_bn` (DINO's --use_bn_in_head) norms/{0,1}/{scale,bias} after the hidden layers."""
 
   def __init__(self, in_dim: int, out_dim: int, *, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-               nlayers: int = 3, rngs: nnx.Rngs):
+               nlayers: int = 3, use_bn: bool = False, rngs: nnx.Rngs):
     dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
     self.mlp = nnx.List([nnx.Linear(i, o, kernel_init=init.TRUNC_NORMAL, bias_init=init.ZEROS, rngs=rngs)
                          for i, o in zip(dims, dims[1:])])
+    self.norms = nnx.List([HeadBatchNorm(hidden_dim) for _ in range(nlayers - 1)]) if use_bn else None
     # DINO creates the last layer after its trunc_normal init pass, so it keeps PyTorch's default Linear
     # init, U(+-1/sqrt(fan_in)) (torch_conv_default is the same rule).
     self.last_layer = nnx.Param(init.torch_conv_default(bottleneck_dim)(rngs.params(), (bottleneck_dim, out_dim)))
@@ -93,6 +115,8 @@ class DINOHead(nnx.Module):
     for i, layer in enumerate(self.mlp):
       x = layer(x)
       if i < len(self.mlp) - 1:
+        if self.norms is not None:
+          x = self.norms[i](x)
         x = jax.nn.gelu(x, approximate=False)
     x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # F.normalize
     v = self.last_layer[...]
@@ -108,7 +132,7 @@ class DINO(nnx.Module):
   """
 
   def __init__(self, backbone_cfg: vit.ViTConfig, out_dim: int, *, hidden_dim: int = 2048,
-               bottleneck_dim: int = 256, rngs: nnx.Rngs):
+               bottleneck_dim: int = 256, use_bn: bool = False, rngs: nnx.Rngs):
     if backbone_cfg.FAMILY != vit.FAMILY or backbone_cfg.num_classes:
       raise ValueError(f'DINO needs a ViT-family backbone without a classifier (num_classes=0); got a '
                        f'{backbone_cfg.FAMILY!r} model with num_classes={backbone_cfg.num_classes}')
@@ -116,7 +140,7 @@ class DINO(nnx.Module):
     if self.backbone.cls_token is not None:  # DINO's ViT: trunc_normal(std=0.02), timm's: normal(1e-6)
       self.backbone.cls_token[...] = init.TRUNC_NORMAL(rngs.params(), self.backbone.cls_token.shape)
     self.dino_head = DINOHead(backbone_cfg.feature_dim, out_dim, hidden_dim=hidden_dim,
-                              bottleneck_dim=bottleneck_dim, rngs=rngs)
+                              bottleneck_dim=bottleneck_dim, use_bn=use_bn, rngs=rngs)
 
   def __call__(self, global_crops: jax.Array, local_crops: jax.Array | None = None) -> jax.Array:
     feats = [self._features(global_crops)]

@@ -215,7 +215,7 @@ def train_loader(config, source):
 def new_model(config, model_cfg, seed: int) -> dino_head.DINO:
   d = config.dino
   return dino_head.DINO(model_cfg, d.out_dim, hidden_dim=d.hidden_dim, bottleneck_dim=d.bottleneck_dim,
-                        rngs=nnx.Rngs(seed))
+                        use_bn=d.use_bn_in_head, rngs=nnx.Rngs(seed))
 
 
 def make_train_step(graphdef, config, steps: Steps, schedules: Schedules):
