@@ -93,7 +93,9 @@ ARGS = ['--config=configs/vit_ti.py', '--workdir=/tmp/w x', '--config.seed=3']
 
 
 def run_probe(**env):
-  base = {k: v for k, v in os.environ.items() if k not in ('JAX_PLATFORMS', 'LOCATVIT_FAST_CPU', cpu_env.MARKER)}
+  # The runner's own allocator settings would be kept (the user's win): start without them.
+  unset = ('JAX_PLATFORMS', 'LOCATVIT_FAST_CPU', cpu_env.MARKER, 'LD_PRELOAD', 'GLIBC_TUNABLES')
+  base = {k: v for k, v in os.environ.items() if k not in unset}
   out = subprocess.run([sys.executable, '-u', '-c', PROBE, *ARGS], cwd=REPO, capture_output=True, text=True,
                        timeout=120, env=dict(base, XLA_FLAGS='--xla_force_host_platform_device_count=2', **env))
   assert out.returncode == 0, out.stderr[-3000:]
