@@ -175,9 +175,7 @@ class Jumbo(vit.ViT):
   def __init__(self, cfg: JumboConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     c, p, dtype = cfg.width, cfg.patch_size, vit.DTYPES[cfg.dtype]
-    conv_init = init.torch_conv_default(3 * p * p)  # timm leaves the patch conv as PyTorch made it
-    self.patch_embed = nnx.Conv(3, c, kernel_size=(p, p), strides=(p, p), padding='VALID',
-                                kernel_init=conv_init, bias_init=conv_init, dtype=dtype, rngs=rngs)
+    self.patch_embed = vit.PatchConv(c, p, dtype, rngs)
     # Jumbo re-initialises its class tokens with timm's trunc_normal_(std=.02), not the ViT's 1e-6.
     self.cls_token = nnx.Param(init.TRUNC_NORMAL(rngs.params(), (1, cfg.num_class_tokens, c)))
     self.pos_embed = nnx.Param(init.TRUNC_NORMAL(rngs.params(), (1, cfg.grid[0] * cfg.grid[1], c)))

@@ -208,9 +208,7 @@ class RoPEViT(vit.ViT):
   def __init__(self, cfg: RoPEConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     c, p = cfg.width, cfg.patch_size
-    conv_init = init.torch_conv_default(3 * p * p)  # Eva's init touches Linear layers only
-    self.patch_embed = nnx.Conv(3, c, kernel_size=(p, p), strides=(p, p), padding='VALID',
-                                kernel_init=conv_init, bias_init=conv_init, dtype=vit.DTYPES[cfg.dtype], rngs=rngs)
+    self.patch_embed = vit.PatchConv(c, p, vit.DTYPES[cfg.dtype], rngs)  # Eva's init touches Linear layers only
     self.cls_token = nnx.Param(init.TRUNC_NORMAL(rngs.params(), (1, 1, c)))
     self.rope = MixedRotary(cfg, rngs)
     rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]

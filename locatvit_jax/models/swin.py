@@ -337,9 +337,7 @@ class PatchEmbed(nnx.Module):
 
   def __init__(self, cfg: SwinConfig, rngs: nnx.Rngs):
     p, c = cfg.patch_size, cfg.embed_dim
-    conv_init = init.torch_conv_default(3 * p * p)  # timm's init leaves the conv as PyTorch made it
-    self.proj = nnx.Conv(3, c, kernel_size=(p, p), strides=(p, p), padding='VALID', kernel_init=conv_init,
-                         bias_init=conv_init, dtype=vit.DTYPES[cfg.dtype], rngs=rngs)
+    self.proj = vit.PatchConv(c, p, vit.DTYPES[cfg.dtype], rngs)
     self.norm = _layer_norm(c, rngs)
     self.patch_size = p
 
