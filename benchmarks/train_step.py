@@ -47,6 +47,8 @@ def bench_config(model: str, variant: str | None = None):
   from locatvit_jax.configs import common
   config = common.classification_config(model, variant)  # an unknown name is one clear error
   config.model.img_size = _SIZE.value
+  # The evaluation transform's resize must cover the centre crop (the trainer checks); the step never evaluates.
+  config.aug.eval_resize = max(config.aug.eval_resize, _SIZE.value)
   config.model.dtype = _DTYPE.value
   config.model.remat = _REMAT.value
   if _DEPTH.value:

@@ -62,3 +62,9 @@ def test_compare_pytorch_bad_sizes_fail_before_any_run():
   assert done.returncode == 2 and not done.stdout
   assert done.stderr.strip().splitlines()[-1] == ("compare_pytorch.py: error: --sizes item '200:8'; expected "
                                                   "SIZE:BATCH with SIZE a multiple of 16, e.g. 224:32")
+
+
+def test_train_step_at_an_image_size_above_the_evaluation_resize():
+  # The recipe's evaluation resize (248) must not stop a 512 px benchmark of the train step.
+  out = bench('--model=locatvit_ti16', '--size=256', '--depth=1', '--batch=1')
+  assert out['size'] == 256 and out['step_ms'] > 0
