@@ -410,3 +410,16 @@ def test_unknown_model_name_lists_every_accepted_name():
 def test_bad_config_values(overrides, message):
   with pytest.raises(ValueError, match=message):
     vit.model_config('locatvit_ti16', **overrides)
+
+
+def test_gelu_is_the_exact_erf_gelu_and_the_patch_matmul_is_the_strided_conv():
+  # The two XLA:CPU speed-ups of issue #17 compute the same functions as what they replaced.
+  import math
+  x = np.linspace(-10, 10, 4001, dtype=np.float32)
+  want = np.array([0.5 * float(t) * (1 + math.erf(float(t) / math.sqrt(2))) for t in x])
+  np.testing.assert_allclose(np.asarray(vit.gelu(jnp.asarray(x))), want, rtol=1e-6, atol=2e-6)
+  conv = vit.PatchConv(8, 4, None, nnx.Rngs(0))
+  images = jax.random.normal(jax.random.key(1), (2, 12, 8, 3))
+  want = jax.lax.conv_general_dilated(images, conv.kernel[...], (4, 4), 'VALID', precision='highest',
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + conv.bias[...]
+  np.testing.assert_allclose(np.asarray(conv(images)), np.asarray(want), rtol=1e-5, atol=1e-6)

@@ -117,7 +117,7 @@ class DINOHead(nnx.Module):
       if i < len(self.mlp) - 1:
         if self.norms is not None:
           x = self.norms[i](x)
-        x = jax.nn.gelu(x, approximate=False)
+        x = vit.gelu(x)
     x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # F.normalize
     v = self.last_layer[...]
     # weight_norm with g = 1: each output's weight vector has unit norm (PyTorch adds no epsilon).

@@ -8,6 +8,7 @@ import optax
 from flax import nnx
 
 from locatvit_jax.data.seg_sources import IGNORE_INDEX
+from locatvit_jax.models import vit
 
 # The authors' head is an mmseg decode head, initialised by mmcv: the C -> hidden conv of its ConvModule
 # by kaiming_init (normal, mode fan_out, gain of ReLU: std sqrt(2 / hidden)), its GroupNorm to weight 1 and
@@ -35,7 +36,7 @@ class SegHead(nnx.Module):
     if features.ndim != 4:
       raise ValueError(f'features have shape {features.shape}; expected (batch, h, w, channels)')
     x = self.proj(features.astype(jnp.float32))
-    x = nnx.gelu(self.norm(x), approximate=False)
+    x = vit.gelu(self.norm(x))
     return self.classifier(x)
 
 

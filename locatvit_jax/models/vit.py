@@ -210,6 +210,13 @@ class PatchConv(nnx.Conv):
     return jnp.dot(patches, kernel.reshape(p * p * c, -1), precision=self.precision) + bias
 
 
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact GELU in PyTorch's formula, x (1 + erf(x / sqrt 2)) / 2. jax.nn.gelu(approximate=False)
+  writes it with erfc, which XLA:CPU evaluates with an exp and two branches per element: 150 ms of
+  a 2.2 s LocAtViT-Ti train step at 224 px, where erf's single rational polynomial costs a fraction."""
+  return x * (1 + jax.lax.erf(x * (2 ** -0.5))) / 2
+
+
 class Mlp(nnx.Module):
 
   def __init__(self, width, hidden, dtype, rngs):
@@ -219,7 +226,7 @@ class Mlp(nnx.Module):
     self.fc2 = lin(hidden, width)
 
   def __call__(self, x):
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+    return self.fc2(gelu(self.fc1(x)))
 
 
 class Attention(nnx.Module):
