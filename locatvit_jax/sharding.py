@@ -39,6 +39,7 @@ RULES = [
     (r'.*dino_head/mlp/0/bias$', P('tensor')),
     (r'.*dino_head/mlp/1/kernel$', P('tensor', 'fsdp')),
     (r'.*dino_head/last_layer$', P('fsdp', 'tensor')),
+    (r'.*dino_head/last_layer_gain$', P(None, 'tensor')),  # (1, out_dim), with norm_last_layer=False
     (r'^center$', P(None, 'tensor')),
     (r'.*rope/freqs$', P()),  # RoPE-Mixed: (2, depth, heads, head_dim / 2), tiny
     (r'.*gamma_[12]$', P()),  # layer scale (C,), multiplies the replicated residual stream

@@ -173,10 +173,15 @@ def test_position_embedding_is_interpolated_as_dinos_vit():
   assert np.abs(timm - got).max() > 0.1
 
 
-@pytest.mark.parametrize('use_bn', [False, True], ids=['plain', 'use_bn_in_head'])
-def test_head_is_dinos_weight_normalised_mlp(use_bn):
+@pytest.mark.parametrize('use_bn, norm_last_layer', [(False, True), (True, True), (False, False)],
+                         ids=['plain', 'use_bn_in_head', 'trained_gain'])
+def test_head_is_dinos_weight_normalised_mlp(use_bn, norm_last_layer):
   rng = np.random.default_rng(0)
-  head = dino_head.DINOHead(6, 10, hidden_dim=8, bottleneck_dim=4, use_bn=use_bn, rngs=nnx.Rngs(1))
+  head = dino_head.DINOHead(6, 10, hidden_dim=8, bottleneck_dim=4, use_bn=use_bn, norm_last_layer=norm_last_layer,
+                            rngs=nnx.Rngs(1))
+  if not norm_last_layer:  # weight_g starts at 1 (DINO fills it); a trained one scales each output
+    np.testing.assert_array_equal(np.asarray(head.last_layer_gain[...]), np.ones((1, 10), np.float32))
+    head.last_layer_gain[...] = jnp.asarray(rng.uniform(0.5, 2, (1, 10)), jnp.float32)
   if use_bn:  # non-trivial affine parameters
     for norm in head.norms:
       norm.scale[...] = jnp.asarray(rng.uniform(0.5, 2, 8), jnp.float32)
@@ -196,10 +201,11 @@ def test_head_is_dinos_weight_normalised_mlp(use_bn):
   h = gelu(batch_norm(h @ p['mlp'][1]['kernel'] + p['mlp'][1]['bias'], 1))
   h = h @ p['mlp'][2]['kernel'] + p['mlp'][2]['bias']
   h = h / np.linalg.norm(h, axis=-1, keepdims=True)
-  w = p['last_layer'] / np.linalg.norm(p['last_layer'], axis=0, keepdims=True)  # weight_g = 1
+  w = p['last_layer'] / np.linalg.norm(p['last_layer'], axis=0, keepdims=True)  # weight_v / |weight_v| ...
+  w = w * p.get('last_layer_gain', 1.0)  # ... * weight_g, fixed at 1 with norm_last_layer
   np.testing.assert_allclose(np.asarray(head(jnp.asarray(x))), h @ w, rtol=1e-5, atol=1e-5)
   assert np.abs(p['last_layer']).max() <= 0.5  # PyTorch's Linear default U(+-1/sqrt(4))
-  assert ('norms' in p) == use_bn
+  assert ('norms' in p) == use_bn and ('last_layer_gain' in p) == (not norm_last_layer)
 
 
 def test_head_batch_norm_takes_the_global_batch_statistics_on_a_mesh():
@@ -220,7 +226,7 @@ def test_head_batch_norm_takes_the_global_batch_statistics_on_a_mesh():
 def test_every_parameter_and_the_center_have_a_sharding_rule():
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
   config = tiny_config()
-  config.dino.update(dict(out_dim=64, use_bn_in_head=True))
+  config.dino.update(dict(out_dim=64, use_bn_in_head=True, norm_last_layer=False))
   setup = dino.build(config, dino.backbone_config(config), mesh, dino.Steps(4, 2, 1, 2))
   flat = loading.flatten(nnx.to_pure_dict(setup.abstract_state['params']))
   unmatched = [p for p in flat if sharding.rule_for(p)[0] == sharding.UNMATCHED]
@@ -230,7 +236,13 @@ def test_every_parameter_and_the_center_have_a_sharding_rule():
   for tree in ('params', 'teacher'):
     assert sh[tree]['dino_head']['last_layer'].get_value().spec == P('fsdp', 'tensor')
   assert sh['opt_state']['mu']['dino_head']['last_layer'].get_value().spec == P('fsdp', 'tensor')
+  assert sh['params']['dino_head']['last_layer_gain'].get_value().spec == P(None, 'tensor')
   assert sh['center'].spec == P(None, 'tensor')
+  # DINO freezes (and decays: 2-D) the gain with the direction: every parameter named '*last_layer*'.
+  params = setup.abstract_state['params']
+  frozen = loading.flatten(nnx.to_pure_dict(dino.is_last_layer(params)))
+  assert {k for k, v in frozen.items() if v} == {'dino_head/last_layer', 'dino_head/last_layer_gain'}
+  assert loading.flatten(nnx.to_pure_dict(dino.decay_mask(params)))['dino_head/last_layer_gain']
 
 
 # -- the trainer end to end --------------------------------------------------------------------------

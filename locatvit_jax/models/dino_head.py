@@ -1,9 +1,10 @@
 """DINO's model pieces (Caron et al. 2021; facebookresearch/dino, run by the authors as evaluations/dino).
 
 * `DINOHead`: 3-layer MLP (GELU; optionally BatchNorm before each GELU, DINO's --use_bn_in_head) to a
-  bottleneck, L2-normalised, then a weight-normalised linear layer without bias whose gain is fixed at
-  1 (DINO's norm_last_layer=True): only the direction `last_layer` (bottleneck, out_dim) is a
-  parameter, each output's column divided by its norm.
+  bottleneck, L2-normalised, then a weight-normalised linear layer without bias: the direction
+  `last_layer` (bottleneck, out_dim), each output's column divided by its norm, times a gain fixed at
+  1 (DINO's default --norm_last_layer true) or, with norm_last_layer=False, the parameter
+  `last_layer_gain` (1, out_dim), PyTorch's weight_g (out_dim, 1) transposed, starting at 1.
 * `DinoViT`: our ViT (any variant) with DINO's position-embedding interpolation for crops whose grid
   differs from the one it was built for (the 96 px local crops). DINO's interpolate_pos_encoding calls
   PyTorch's bicubic interpolate with scale_factor (g + 0.1) / g0 and no antialiasing: Keys' cubic with
@@ -98,10 +99,11 @@ class HeadBatchNorm(nnx.Module):
 
 class DINOHead(nnx.Module):
   """DINO's projection head (module docstring). Parameters: mlp/{0,1,2}/{kernel,bias}, last_layer,
-  and with `use_bn` (DINO's --use_bn_in_head) norms/{0,1}/{scale,bias} after the hidden layers."""
+  with `use_bn` (DINO's --use_bn_in_head) norms/{0,1}/{scale,bias} after the hidden layers, and
+  without `norm_last_layer` the last layer's trained gain last_layer_gain."""
 
   def __init__(self, in_dim: int, out_dim: int, *, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-               nlayers: int = 3, use_bn: bool = False, rngs: nnx.Rngs):
+               nlayers: int = 3, use_bn: bool = False, norm_last_layer: bool = True, rngs: nnx.Rngs):
     dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
     self.mlp = nnx.List([nnx.Linear(i, o, kernel_init=init.TRUNC_NORMAL, bias_init=init.ZEROS, rngs=rngs)
                          for i, o in zip(dims, dims[1:])])
@@ -109,6 +111,7 @@ class DINOHead(nnx.Module):
     # DINO creates the last layer after its trunc_normal init pass, so it keeps PyTorch's default Linear
     # init, U(+-1/sqrt(fan_in)) (torch_conv_default is the same rule).
     self.last_layer = nnx.Param(init.torch_conv_default(bottleneck_dim)(rngs.params(), (bottleneck_dim, out_dim)))
+    self.last_layer_gain = None if norm_last_layer else nnx.Param(jnp.ones((1, out_dim), jnp.float32))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(jnp.float32)
@@ -120,8 +123,9 @@ class DINOHead(nnx.Module):
         x = vit.gelu(x)
     x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # F.normalize
     v = self.last_layer[...]
-    # weight_norm with g = 1: each output's weight vector has unit norm (PyTorch adds no epsilon).
-    return x @ (v / jnp.linalg.norm(v, axis=0, keepdims=True))
+    # weight_norm: each output's weight vector has norm g (PyTorch adds no epsilon).
+    w = v / jnp.linalg.norm(v, axis=0, keepdims=True)
+    return x @ (w if self.last_layer_gain is None else w * self.last_layer_gain[...])
 
 
 class DINO(nnx.Module):
@@ -132,7 +136,7 @@ class DINO(nnx.Module):
   """
 
   def __init__(self, backbone_cfg: vit.ViTConfig, out_dim: int, *, hidden_dim: int = 2048,
-               bottleneck_dim: int = 256, use_bn: bool = False, rngs: nnx.Rngs):
+               bottleneck_dim: int = 256, use_bn: bool = False, norm_last_layer: bool = True, rngs: nnx.Rngs):
     if backbone_cfg.FAMILY != vit.FAMILY or backbone_cfg.num_classes:
       raise ValueError(f'DINO needs a ViT-family backbone without a classifier (num_classes=0); got a '
                        f'{backbone_cfg.FAMILY!r} model with num_classes={backbone_cfg.num_classes}')
@@ -140,7 +144,8 @@ class DINO(nnx.Module):
     if self.backbone.cls_token is not None:  # DINO's ViT: trunc_normal(std=0.02), timm's: normal(1e-6)
       self.backbone.cls_token[...] = init.TRUNC_NORMAL(rngs.params(), self.backbone.cls_token.shape)
     self.dino_head = DINOHead(backbone_cfg.feature_dim, out_dim, hidden_dim=hidden_dim,
-                              bottleneck_dim=bottleneck_dim, use_bn=use_bn, rngs=rngs)
+                              bottleneck_dim=bottleneck_dim, use_bn=use_bn, norm_last_layer=norm_last_layer,
+                              rngs=rngs)
 
   def __call__(self, global_crops: jax.Array, local_crops: jax.Array | None = None) -> jax.Array:
     feats = [self._features(global_crops)]

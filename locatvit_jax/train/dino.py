@@ -33,7 +33,7 @@ from locatvit_jax.data import multicrop, sources
 from locatvit_jax.models import dino_head, registry
 from locatvit_jax.train import common
 
-LAST_LAYER = 'dino_head/last_layer'  # the weight-normalised layer frozen for the first epochs
+LAST_LAYER = 'dino_head/last_layer'  # the weight-normalised layer (direction and gain), frozen for the first epochs
 
 
 # -- config ------------------------------------------------------------------------------------------
@@ -176,8 +176,9 @@ def decay_mask(params):
 
 
 def is_last_layer(params):
-  """True at the head's last layer, frozen for the first dino.freeze_last_layer epochs."""
-  return jax.tree_util.tree_map_with_path(lambda path, x: sharding.path_key(path).endswith(LAST_LAYER), params)
+  """True at the head's last layer (its direction, and its gain when trained), frozen for the first
+  dino.freeze_last_layer epochs: DINO cancels the gradient of every parameter whose name holds 'last_layer'."""
+  return jax.tree_util.tree_map_with_path(lambda path, x: LAST_LAYER in sharding.path_key(path), params)
 
 
 def adamw_init(params) -> dict:
@@ -215,7 +216,7 @@ def train_loader(config, source):
 def new_model(config, model_cfg, seed: int) -> dino_head.DINO:
   d = config.dino
   return dino_head.DINO(model_cfg, d.out_dim, hidden_dim=d.hidden_dim, bottleneck_dim=d.bottleneck_dim,
-                        use_bn=d.use_bn_in_head, rngs=nnx.Rngs(seed))
+                        use_bn=d.use_bn_in_head, norm_last_layer=d.norm_last_layer, rngs=nnx.Rngs(seed))
 
 
 def make_train_step(graphdef, config, steps: Steps, schedules: Schedules):
