@@ -9,7 +9,10 @@ initialises; the allocator is chosen by the dynamic loader):
   (about 2 GB for a LocAtViT-Ti step at 224 px) and frees it after the step; glibc serves blocks
   above 32 MiB with mmap/munmap, so every step faults all its pages in again (about a quarter of
   a step). mimalloc does not, and it is a dependency of this package on Linux (the `cmeel-mimalloc`
-  wheel from PyPI ships libmimalloc.so), so it is preloaded whenever it is installed. Without it,
+  wheel from PyPI ships libmimalloc.so), so it is preloaded whenever it is installed, with
+  MIMALLOC_PURGE_DELAY=-1: by default it returns pages idle for 10 ms, which are those of a compiled
+  program while another runs (an evaluation, the benchmark's second model: 5,000-10,000 faults and
+  7-16% of a LocAtViT-Ti step at 224 px). Without it,
   glibc's own tunables avoid the faults: one arena (arena_max=1: in a thread's own arena a block
   that large is mmap'd whatever the settings), no mmap'd blocks (mmap_max=0: they come from the
   heap) and a trim threshold that never returns the heap's top to the kernel; raising
@@ -23,8 +26,8 @@ backend will be the CPU, decided without initialising JAX: JAX_PLATFORMS, when s
 `cpu`; when unset, no accelerator plugin may be installed (a `jax_plugins` package or entry point,
 or `libtpu`): with one, JAX would pick the accelerator. LOCATVIT_FAST_CPU=0 turns it off. Variables
 the user set win: their XLA_FLAGS and GLIBC_TUNABLES come after ours (both keep the last value
-of a setting), and a library in their LD_PRELOAD comes before mimalloc (the first malloc loaded is
-the one used).
+of a setting), their MIMALLOC_PURGE_DELAY is kept, and a library in their LD_PRELOAD comes before
+mimalloc (the first malloc loaded is the one used).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import sys
 from collections.abc import Mapping
 
 MIMALLOC_DISTRIBUTION, MIMALLOC_FILE = 'cmeel-mimalloc', 'cmeel.prefix/lib/libmimalloc.so'
+MIMALLOC_SETTINGS = {'MIMALLOC_PURGE_DELAY': '-1'}  # keep freed pages (module docstring)
 CPU_XLA_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=-individual_dot '
                  '--xla_cpu_enable_concurrency_optimized_scheduler=false')
 GLIBC_TUNABLES = 'glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736'
@@ -60,6 +64,7 @@ def fast_cpu_env(base: Mapping[str, str] | None = None, mimalloc: str | None = N
   library = mimalloc_library() if mimalloc is None else mimalloc
   if library:
     env['LD_PRELOAD'] = ':'.join(p for p in (env.get('LD_PRELOAD'), library) if p)
+    env.update({k: v for k, v in MIMALLOC_SETTINGS.items() if k not in env})
     env[MARKER] = 'mimalloc'
   else:
     env['GLIBC_TUNABLES'] = ':'.join(p for p in (GLIBC_TUNABLES, env.get('GLIBC_TUNABLES')) if p)

@@ -19,7 +19,10 @@ def test_env_with_mimalloc_installed(tmp_path):
   lib = tmp_path / 'libmimalloc.so'
   env = cpu_env.fast_cpu_env({'XLA_FLAGS': '--mine=1', 'LD_PRELOAD': '/x.so', 'PATH': '/bin'}, mimalloc=str(lib))
   assert env == {'XLA_FLAGS': f'{FLAGS} --mine=1', 'LD_PRELOAD': f'/x.so:{lib}', 'PATH': '/bin',
-                 'LOCATVIT_FAST_CPU_ENV': 'mimalloc'}
+                 'MIMALLOC_PURGE_DELAY': '-1', 'LOCATVIT_FAST_CPU_ENV': 'mimalloc'}
+  # The user's own mimalloc setting is kept.
+  mine = cpu_env.fast_cpu_env({'MIMALLOC_PURGE_DELAY': '100'}, mimalloc=str(lib))
+  assert mine['MIMALLOC_PURGE_DELAY'] == '100'
 
 
 def test_env_without_mimalloc_uses_glibc_tunables():
