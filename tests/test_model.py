@@ -3,6 +3,7 @@ authors' variants (class token, registers, GAP, no position embedding) in values
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -414,7 +415,6 @@ def test_bad_config_values(overrides, message):
 
 def test_gelu_is_the_exact_erf_gelu_and_the_patch_matmul_is_the_strided_conv():
   # The two XLA:CPU speed-ups of issue #17 compute the same functions as what they replaced.
-  import math
   x = np.linspace(-10, 10, 4001, dtype=np.float32)
   want = np.array([0.5 * float(t) * (1 + math.erf(float(t) / math.sqrt(2))) for t in x])
   np.testing.assert_allclose(np.asarray(vit.gelu(jnp.asarray(x))), want, rtol=1e-6, atol=2e-6)

@@ -52,8 +52,8 @@ def get_config(arg=None):
   c.crops = multicrop.default_crops_config()
   c.dino = ml_collections.ConfigDict(dict(
       out_dim=65536, hidden_dim=2048, bottleneck_dim=256, use_bn_in_head=False, norm_last_layer=True,
-      student_temp=0.1, teacher_temp=0.04, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0, center_momentum=0.9, momentum_teacher=0.996,
-      freeze_last_layer=1))  # epochs
+      student_temp=0.1, teacher_temp=0.04, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0,
+      center_momentum=0.9, momentum_teacher=0.996, freeze_last_layer=1))  # freeze_last_layer in epochs
   c.input = ml_collections.ConfigDict(dict(worker_count=16))
   c.batch_size = 512
   c.epochs = 100
