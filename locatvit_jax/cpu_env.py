@@ -39,7 +39,7 @@ import sys
 from collections.abc import Mapping
 
 MIMALLOC_DISTRIBUTION, MIMALLOC_FILE = 'cmeel-mimalloc', 'cmeel.prefix/lib/libmimalloc.so'
-MIMALLOC_SETTINGS = {'MIMALLOC_PURGE_DELAY': '-1'}  # keep freed pages (module docstring)
+MIMALLOC_PURGE_DELAY = '-1'  # keep freed pages (module docstring)
 CPU_XLA_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=-individual_dot '
                  '--xla_cpu_enable_concurrency_optimized_scheduler=false')
 GLIBC_TUNABLES = 'glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736'
@@ -64,7 +64,7 @@ def fast_cpu_env(base: Mapping[str, str] | None = None, mimalloc: str | None = N
   library = mimalloc_library() if mimalloc is None else mimalloc
   if library:
     env['LD_PRELOAD'] = ':'.join(p for p in (env.get('LD_PRELOAD'), library) if p)
-    env.update({k: v for k, v in MIMALLOC_SETTINGS.items() if k not in env})
+    env.setdefault('MIMALLOC_PURGE_DELAY', MIMALLOC_PURGE_DELAY)  # the user's own value wins
     env[MARKER] = 'mimalloc'
   else:
     env['GLIBC_TUNABLES'] = ':'.join(p for p in (GLIBC_TUNABLES, env.get('GLIBC_TUNABLES')) if p)
