@@ -164,9 +164,7 @@ def _fused_bwd(grid, geometry, num_prefix, bias_axes, res, do):
   dz = e * (dp_l - delta_l)  # d logits = d S = d bias
   dq = jnp.einsum('bhqk,bhkd->bhqd', dz.astype(k.dtype), k, preferred_element_type=jnp.float32)
   dk = jnp.einsum('bhqk,bhqd->bhkd', dz.astype(q.dtype), q, preferred_element_type=jnp.float32)
-  bias = functools.partial(locat.dense_bias, grid=grid, geometry=geometry, num_prefix=num_prefix)
-  _, bias_vjp = jax.vjp(bias, var, alpha)
-  dvar, dalpha = bias_vjp(dz)
+  dvar, dalpha = locat.patch_bias_vjp(dz[:, :, num_prefix:, num_prefix:], var, alpha, grid, geometry)
   dbias = None if bias_axes is None else jnp.sum(dz, axis=bias_axes, keepdims=True)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dvar, dalpha, dbias
 
