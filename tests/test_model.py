@@ -77,11 +77,12 @@ def random_var_alpha(grid, seed=0):
   return var, alpha
 
 
-@pytest.mark.parametrize('grid', [(14, 14), (10, 18), (20, 24)])
-def test_gaug_module_matches_the_spec_formula(grid):
+@pytest.mark.parametrize('grid, num_prefix', [((14, 14), 0), ((10, 18), 1), ((20, 24), 5)])
+def test_gaug_module_matches_the_spec_formula(grid, num_prefix):
   gaug = random_gaug(16, (14, 14))
   q = np.random.default_rng(1).normal(0, 2, (2, 3, grid[0] * grid[1], 16)).astype(np.float32)
-  var, alpha = gaug(jnp.asarray(q), grid)
+  prefix = np.random.default_rng(2).normal(0, 2, (2, 3, num_prefix, 16)).astype(np.float32)
+  var, alpha = gaug(jnp.asarray(np.concatenate([prefix, q], axis=2)), grid, num_prefix)  # prefix rows dropped
   weights = [np.asarray(p[...], np.float64) for p in (
       gaug.var_proj.kernel, gaug.var_proj.bias, gaug.alpha_proj.kernel, gaug.alpha_proj.bias)]
   want_var, want_alpha = gaug_numpy(q.astype(np.float64), *weights, (14, 14), grid)

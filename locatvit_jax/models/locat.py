@@ -77,14 +77,19 @@ class GAug(nnx.Module):
     self.var_proj = linear(2)
     self.alpha_proj = linear(1)
 
-  def __call__(self, q_patches: jax.Array, grid: tuple[int, int]):
-    """q_patches: (B, H, hw, d) unscaled patch queries -> var (B, H, hw, 2), alpha (B, H, hw)."""
+  def __call__(self, q: jax.Array, grid: tuple[int, int], num_prefix: int = 0):
+    """q: (B, H, N, d) unscaled queries, the first num_prefix not patches -> var (B, H, hw, 2),
+    alpha (B, H, hw) of the patch queries.
+
+    Both maps run on every query as one 3-column matmul (the two layers' parameters side by side)
+    and the prefix rows of its small output are dropped: slicing the patch queries out first would
+    copy (B, H, hw, d), and its gradient would pad that back."""
     g = self.geometry
-    q = q_patches.astype(jnp.float32)
-    var = g.var_max * jax.nn.sigmoid(self.var_proj(q) - g.var_shift)
-    var = var * g.var_scale(grid)
-    alpha = jax.nn.softplus(self.alpha_proj(q))[..., 0]
-    return var, alpha
+    kernel = jnp.concatenate([self.var_proj.kernel[...], self.alpha_proj.kernel[...]], axis=1)
+    bias = jnp.concatenate([self.var_proj.bias[...], self.alpha_proj.bias[...]])
+    out = (jnp.einsum('bhnd,dk->bhnk', q.astype(jnp.float32), kernel) + bias)[:, :, num_prefix:]
+    var = g.var_max * jax.nn.sigmoid(out[..., :2] - g.var_shift) * g.var_scale(grid)
+    return var, jax.nn.softplus(out[..., 2])
 
 
 def axis_gaussians(var: jax.Array, grid: tuple[int, int], geometry: GAugGeometry):

@@ -270,7 +270,7 @@ class Attention(nnx.Module):
     q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, N, d)
     var = alpha = None
     if self.gaug is not None:
-      var, alpha = self.gaug(q[:, :, num_prefix:], grid)  # GAug sees the unscaled queries
+      var, alpha = self.gaug(q, grid, num_prefix)  # GAug sees the unscaled queries
       if self.collect_stats:
         self.sow(nnx.Intermediate, 'gaug_var', jnp.mean(var))
         self.sow(nnx.Intermediate, 'gaug_alpha', jnp.mean(alpha))
