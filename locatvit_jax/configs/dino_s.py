@@ -93,8 +93,8 @@ def demo(c) -> None:
   --use_bn_in_head; without it every run here drifted to the uniform output); a 4096-way head;
   teacher EMA from 0.99, lr 1e-3 at batch 32, no drop path. Measured: LocAtViT seed 0 reached 17.2 %
   k-NN top-1, the other three runs (LocAtViT seed 1, ViT seeds 0 and 1) stayed at the random
-  initialisation's 11-12 %: it does not reliably learn in minutes (nor did 15 variants of DINO's own
-  knobs, README)."""
+  initialisation's 11-12 %: it does not reliably learn in minutes (nor did 17 variants of DINO's own
+  knobs, nor facebookresearch/dino's own code on this recipe: README, DINO section)."""
   dataset = f'{demo_data.NAME}/px64_train8000_val1000_seed0:{demo_data.LocatDigitScenes.VERSION}'
   data_dir = str(pathlib.Path('~/.cache/locatvit_jax/tfds').expanduser())  # where configs/demo.py builds them
   c.model.update(dict(patch_size=8, width=96, depth=4, num_heads=3, mlp_dim=384, drop_path=0.0))
