@@ -47,11 +47,17 @@ def gaug_numpy(q, var_kernel, var_bias, alpha_kernel, alpha_bias, grid0, grid):
   return var, alpha
 
 
+def squared_distances(grid, grid0):
+  """The spec's (hw, hw, 2) per-axis squared distances between patches, clamped at (side0 - 1)^2."""
+  h, w = grid
+  pos = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing='ij'), -1).reshape(h * w, 2)
+  return np.minimum((pos[:, None, :] - pos[None, :, :]) ** 2, (max(grid0) - 1) ** 2)
+
+
 def bias_numpy(var, alpha, grid, grid0, eps, num_prefix):
   """Steps 4-6 of the spec: the full (B, H, N, N) bias from the (N, N, 2) squared-distance tensor."""
   h, w = grid
-  pos = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing='ij'), -1).reshape(h * w, 2)
-  d = np.minimum((pos[:, None, :] - pos[None, :, :]) ** 2, (max(grid0) - 1) ** 2)
+  d = squared_distances(grid, grid0)
   g = np.exp(-np.sum(0.5 * d / (var[..., :, None, :] + eps), axis=-1))
   n = num_prefix + h * w
   s = np.zeros(var.shape[:2] + (n, n))
@@ -126,7 +132,6 @@ def test_dense_bias_matches_the_spec_formula(grid0, grid, num_prefix):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
-
 @pytest.mark.parametrize('grid0, grid', [((4, 4), (4, 4)), ((4, 4), (7, 5)), ((14, 14), (3, 4))])
 def test_patch_bias_vjp_matches_the_spec_formula_derivatives(grid0, grid):
   # S_ij = alpha_i g_ij, g_ij = exp(-sum_a 0.5 d_ija / (var_ia + eps)): dS/dalpha_i = g_ij and
@@ -135,14 +140,13 @@ def test_patch_bias_vjp_matches_the_spec_formula_derivatives(grid0, grid):
   geometry = locat.GAugGeometry(grid0)
   ds = np.random.default_rng(1).normal(size=var.shape[:3] + var.shape[2:3]).astype(np.float32)
   dvar, dalpha = locat.patch_bias_vjp(jnp.asarray(ds), var, alpha, grid, geometry)
-  h, w = grid
-  pos = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing='ij'), -1).reshape(h * w, 2)
-  d = np.minimum((pos[:, None, :] - pos[None, :, :]) ** 2, (max(grid0) - 1) ** 2)  # (hw, hw, 2)
+  d = squared_distances(grid, grid0)
   v = var.astype(np.float64)[..., :, None, :] + geometry.eps
   g = np.exp(-np.sum(0.5 * d / v, axis=-1))
   np.testing.assert_allclose(dalpha, np.sum(ds * g, axis=-1), rtol=1e-5, atol=1e-6)
   want_dvar = np.sum((ds * alpha[..., None] * g)[..., None] * 0.5 * d / v ** 2, axis=-2)
   np.testing.assert_allclose(dvar, want_dvar, rtol=1e-4, atol=1e-6)
+
 
 def test_dense_bias_is_zero_on_prefix_tokens_and_between_zero_and_alpha():
   grid, p = (5, 6), 3
