@@ -26,10 +26,10 @@ class SegHead(nnx.Module):
   """
 
   def __init__(self, in_features: int, num_classes: int, hidden: int = 512, *, rngs: nnx.Rngs):
-    self.proj = nnx.Linear(in_features, hidden, use_bias=False, kernel_init=_KAIMING_FAN_OUT, rngs=rngs)
+    self.proj = vit.Linear(in_features, hidden, use_bias=False, kernel_init=_KAIMING_FAN_OUT, rngs=rngs)
     # One group: statistics over (h, w, hidden) of each image, as torch.nn.GroupNorm(1, hidden).
     self.norm = nnx.GroupNorm(hidden, num_groups=1, epsilon=1e-5, rngs=rngs)
-    self.classifier = nnx.Linear(hidden, num_classes, kernel_init=_CLASSIFIER_KERNEL, rngs=rngs)
+    self.classifier = vit.Linear(hidden, num_classes, kernel_init=_CLASSIFIER_KERNEL, rngs=rngs)
 
   def __call__(self, features: jax.Array) -> jax.Array:
     """features (B, h, w, C) -> logits float32 (B, h, w, num_classes)."""

@@ -223,7 +223,7 @@ def _layer_norm(width, rngs):
 
 
 def _linear(i, o, dtype, rngs, use_bias=True):
-  return nnx.Linear(i, o, use_bias=use_bias, kernel_init=init.TRUNC_NORMAL, bias_init=init.ZEROS,
+  return vit.Linear(i, o, use_bias=use_bias, kernel_init=init.TRUNC_NORMAL, bias_init=init.ZEROS,
                     dtype=dtype, rngs=rngs)
 
 

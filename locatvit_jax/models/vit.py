@@ -207,7 +207,23 @@ class PatchConv(nnx.Conv):
     kernel, bias = self.kernel[...], self.bias[...]
     if self.dtype is not None:
       patches, kernel, bias = (t.astype(self.dtype) for t in (patches, kernel, bias))
-    return jnp.dot(patches, kernel.reshape(p * p * c, -1), precision=self.precision) + bias
+    # Over rows, for the weight gradient's sake (`Linear`).
+    rows = jnp.dot(patches.reshape(-1, p * p * c), kernel.reshape(p * p * c, -1), precision=self.precision)
+    return (rows + bias).reshape(b, hgt // p, wid // p, -1)
+
+
+class Linear(nnx.Linear):
+  """nnx.Linear (the same parameters, initialisers and math) applied to its input flattened to rows.
+
+  Autodiff of a matmul over (B, N, C) tokens gives a weight gradient that contracts two dimensions,
+  (B, N); XLA:CPU canonicalises such a dot by transposing its operands into copies, (C, B, N) and
+  (C', B, N), where the same gradient over rows (B * N, C) runs as one matmul of the arrays as they
+  are. On a ViT-Ti train step at 224 px those copies were a fifth of the operations' time
+  (benchmarks/README.md)."""
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = super().__call__(x.reshape(-1, x.shape[-1]))
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -220,8 +236,8 @@ def gelu(x: jax.Array) -> jax.Array:
 class Mlp(nnx.Module):
 
   def __init__(self, width, hidden, dtype, rngs):
-    lin = lambda i, o: nnx.Linear(i, o, kernel_init=init.TRUNC_NORMAL, bias_init=init.ZEROS,
-                                  dtype=dtype, rngs=rngs)
+    lin = lambda i, o: Linear(i, o, kernel_init=init.TRUNC_NORMAL, bias_init=init.ZEROS,
+                              dtype=dtype, rngs=rngs)
     self.fc1 = lin(width, hidden)
     self.fc2 = lin(hidden, width)
 
@@ -239,8 +255,8 @@ class Attention(nnx.Module):
 
   def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs):
     dtype = DTYPES[cfg.dtype]
-    lin = lambda i, o: nnx.Linear(i, o, kernel_init=init.TRUNC_NORMAL, bias_init=init.ZEROS,
-                                  dtype=dtype, rngs=rngs)
+    lin = lambda i, o: Linear(i, o, kernel_init=init.TRUNC_NORMAL, bias_init=init.ZEROS,
+                              dtype=dtype, rngs=rngs)
     self.num_heads = cfg.num_heads
     self.gaug_impl = cfg.gaug_impl
     self.qkv = lin(cfg.width, 3 * cfg.width)
@@ -260,13 +276,10 @@ class Attention(nnx.Module):
     """`rotate`, a function of (B, H, N, d), turns q and k after GAug has read q (RoPE-Mixed ViT)."""
     b, n, c = x.shape
     h, d = self.num_heads, c // self.num_heads
-    # The projections as einsums over the (C, 3, H, d) and (H, d, C) views of the kernels (the
-    # nnx.Linear math, same dtypes): XLA:CPU then writes q, k, v in (B, H, N, d) and reads o as it
-    # is, instead of materialising the head transposes and those of their gradients (ViT-Ti step at
-    # 224 px, batch 32: 4% less XLA temporary memory; benchmarks/README.md).
-    dt = self.qkv.dtype
-    w = self.qkv.kernel[...].astype(dt).reshape(c, 3, h, d)
-    qkv = jnp.einsum('bnc,cthd->tbhnd', x.astype(dt), w) + self.qkv.bias[...].astype(dt).reshape(3, 1, h, 1, d)
+    # The projections run over rows (`Linear`), with the head transposes as copies: einsums over
+    # head views of the kernels avoid those copies but contract (B, N) in their weight gradients,
+    # which costs XLA:CPU more (benchmarks/README.md).
+    qkv = self.qkv(x).reshape(b, n, 3, h, d).transpose(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, N, d)
     var = alpha = None
     if self.gaug is not None:
@@ -284,9 +297,7 @@ class Attention(nnx.Module):
     else:
       o = attention.gaug_attention(q, k, v, var, alpha, grid=grid, geometry=self.geometry,
                                    num_prefix=num_prefix, impl=self.gaug_impl)
-    dt = self.proj.dtype
-    w = self.proj.kernel[...].astype(dt).reshape(h, d, c)
-    return jnp.einsum('bhnd,hdc->bnc', o.astype(dt), w) + self.proj.bias[...].astype(dt)
+    return self.proj(o.transpose(0, 2, 1, 3).reshape(b, n, c))
 
   def _sown_attention(self, q, k, v, var, alpha, grid, num_prefix):
     """gaug_impl 'dense' (or plain attention), sowing the probabilities it attends with."""
