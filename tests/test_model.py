@@ -446,3 +446,21 @@ def test_gelu_is_the_exact_erf_gelu_and_the_patch_matmul_is_the_strided_conv():
   want = jax.lax.conv_general_dilated(images, conv.kernel[...], (4, 4), 'VALID', precision='highest',
                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + conv.bias[...]
   np.testing.assert_allclose(np.asarray(conv(images)), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('shape', [(5, 6), (2, 3, 6), (2, 3, 4, 6)])
+def test_linear_over_rows_is_nnx_linear(shape):
+  # vit.Linear only flattens the leading dimensions (issue #17): same parameters, values and
+  # gradients as nnx.Linear on inputs of any rank.
+  ours = vit.Linear(6, 5, rngs=nnx.Rngs(0))
+  ref = nnx.Linear(6, 5, rngs=nnx.Rngs(0))
+  ours.bias[...] = ref.bias[...] = jax.random.normal(jax.random.key(2), (5,))
+  np.testing.assert_array_equal(ours.kernel[...], ref.kernel[...])
+  x = jax.random.normal(jax.random.key(1), shape)
+  loss = lambda m, x: jnp.sum(jnp.sin(m(x)))
+  (got, got_dx), (want, want_dx) = (nnx.grad(loss, argnums=(0, 1))(m, x) for m in (ours, ref))
+  assert ours(x).shape == shape[:-1] + (5,)
+  np.testing.assert_allclose(ours(x), ref(x), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(got_dx, want_dx, rtol=1e-5, atol=1e-6)
+  for name in ('kernel', 'bias'):
+    np.testing.assert_allclose(getattr(got, name)[...], getattr(want, name)[...], rtol=1e-5, atol=1e-5)

@@ -88,7 +88,7 @@ class GAug(nnx.Module):
     kernel = jnp.concatenate([self.var_proj.kernel[...], self.alpha_proj.kernel[...]], axis=1)
     bias = jnp.concatenate([self.var_proj.bias[...], self.alpha_proj.bias[...]])
     # Over rows, for the kernel gradient's sake (vit.Linear).
-    out = (q.astype(jnp.float32).reshape(-1, q.shape[-1]) @ kernel + bias).reshape(*q.shape[:-1], 3)
+    out = (q.astype(jnp.float32).reshape(-1, q.shape[-1]) @ kernel + bias).reshape(*q.shape[:-1], -1)
     out = out[:, :, num_prefix:]
     var = g.var_max * jax.nn.sigmoid(out[..., :2] - g.var_shift) * g.var_scale(grid)
     return var, jax.nn.softplus(out[..., 2])
