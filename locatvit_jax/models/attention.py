@@ -43,8 +43,8 @@ GAUG_IMPLS = ('dense', 'fused', 'blockwise', 'pallas', 'pallas_interpret')
 
 # Largest tiles (queries, keys) of `blockwise`, for CPU. A single key tile (up to 8192 tokens) lets
 # XLA fuse softmax and matmuls (YNNPACK); tiling the keys costs ~40% more. 512-query tiles keep memory
-# linear in N. 4097 tokens, forward + backward under tcmalloc: 1.0 GB of temporaries and +19% time
-# against 6.3 GB for `fused`; 512-key tiles would take 0.2 GB and +37% (benchmarks/attention.py).
+# linear in N. 4097 tokens, forward + backward: 0.8 GB of temporaries and +4-27% time against 4.7 GB
+# for `fused`; 512-key tiles took 0.2 GB and +37% when first measured (benchmarks/README.md).
 BLOCKWISE_BLOCKS = (512, 8192)
 # Finite, so that exp(MASKED - m) is 0 without inf - inf anywhere.
 MASKED = -0.7 * float(np.finfo(np.float32).max)
