@@ -6,7 +6,9 @@ r"""Times the project's real jitted training step (the one `locatvit_jax.main` r
 The last line printed is JSON: img_per_s, step_ms (median over --steps after --warmup), cpu_ms
 and minor_faults (medians per step: process CPU time of all threads, page faults), compile_s,
 peak_rss_mb (process peak after the primary model ran, before any paired model is built),
-xla_temp_mb (XLA's temporary buffers of the compiled step), backend;
+xla_temp_mb (XLA's temporary buffers of the compiled step), step_gflop (the matmul FLOPs of one
+step of the model's math, benchmarks/flops.py) and tflop_per_s, backend; on GPU/TPU peak_device_mb
+(the device allocator's peak bytes in use); with --peak_tflops also mfu = tflop_per_s / peak_tflops;
 with --pair also the family's baseline (the same model with GAug and PRR off: plain ViT, Swin, RoPE-Mixed
 ViT, Jumbo) timed the same way, interleaved step by step in the same process, and `ratio` = primary step
 time / baseline step time.
@@ -40,6 +42,8 @@ _GAUG_IMPL = flags.DEFINE_string('gaug_impl', None, 'GAug implementation (defaul
 _REMAT = flags.DEFINE_enum('remat', 'none', ['none', 'full', 'dots'], 'Activation checkpointing policy.')
 _DEPTH = flags.DEFINE_integer('depth', None, "Blocks (default: the model's); fewer for a quick check.")
 _NO_CPU_ENV = flags.DEFINE_bool('no_cpu_env', False, 'Do not re-execute under the fast CPU environment.')
+_PEAK_TFLOPS = flags.DEFINE_float('peak_tflops', None, "The device's peak rate (e.g. 989 for an H100/H200's "
+                                  'dense bf16): adds mfu.')
 
 
 def bench_config(model: str, variant: str | None = None):
@@ -63,6 +67,40 @@ def bench_config(model: str, variant: str | None = None):
   return config
 
 
+def program(setup, state, batch):
+  """What is timed and its arguments: the jitted train step, or (--forward) the dense features."""
+  import jax
+  if not _FORWARD.value:
+    return setup.train_step, (state, setup.rest, batch)
+  graphdef = setup.graphdef
+
+  def features(params, rest, images):
+    from flax import nnx
+    m = nnx.merge(graphdef, params, rest)
+    m.eval()
+    return m.features(images)
+  return jax.jit(features), (state['params'], setup.rest, batch['image'])
+
+
+def model_flops(config, mesh, batch) -> int:
+  """Matmul FLOPs of one step of the model's own math, MFU's numerator (benchmarks/flops.py): traced
+  with GAug as `fused` whatever --gaug_impl times, so that the padding of tiles and the recomputation
+  of a flash backward (`blockwise`, `pallas`) do not count as model work. Tracing only: nothing is
+  compiled or allocated."""
+  import copy
+  import jax
+  from benchmarks import flops
+  from locatvit_jax.train import classification
+  config = copy.deepcopy(config)
+  if 'gaug_impl' in config.model:
+    config.model.gaug_impl = 'fused'
+  setup = classification.build(config, classification.check_config(config, mesh), mesh, total_steps=1000,
+                               warmup_steps=10)
+  abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+  fn, args = program(setup, setup.abstract_state, jax.tree.map(abstract, batch))
+  return flops.matmul_flops(fn.trace(*args))
+
+
 class Runner:
   """One model's jitted step and inputs; `step()` runs and waits for one step."""
 
@@ -75,6 +113,7 @@ class Runner:
     config = bench_config(model, variant)
     mesh = sharding.make_mesh(config.mesh)
     model_cfg = classification.check_config(config, mesh)
+    self.gaug_impl = config.model.get('gaug_impl')
     setup = classification.build(config, model_cfg, mesh, total_steps=1000, warmup_steps=10)
     rng = np.random.default_rng(0)
     batch = {'image': rng.normal(size=(_BATCH.value, _SIZE.value, _SIZE.value, 3)).astype(np.float32),
@@ -82,24 +121,16 @@ class Runner:
     self.batch = sharding.to_global(batch, mesh)
     self.rest = setup.rest
     self.state = setup.init_state()
+    self.flops = model_flops(config, mesh, self.batch)
     t0 = time.perf_counter()
+    fn, args = program(setup, self.state, self.batch)
+    compiled = fn.lower(*args).compile()
+    self.memory = compiled.memory_analysis()
     if _FORWARD.value:
-      graphdef = setup.graphdef
-
-      def features(params, rest, images):
-        from flax import nnx
-        m = nnx.merge(graphdef, params, rest)
-        m.eval()
-        return m.features(images)
-      fwd = jax.jit(features).lower(self.state['params'], self.rest, self.batch['image']).compile()
-      self.memory = fwd.memory_analysis()
-      self._run = lambda: fwd(self.state['params'], self.rest, self.batch['image']).block_until_ready()
+      self._run = lambda: compiled(*args).block_until_ready()
     else:
-      step = setup.train_step.lower(self.state, self.rest, self.batch).compile()
-      self.memory = step.memory_analysis()
-
       def run():
-        self.state, scalars = step(self.state, self.rest, self.batch)
+        self.state, scalars = compiled(self.state, self.rest, self.batch)
         jax.block_until_ready(scalars)
       self._run = run
     self._run()
@@ -121,7 +152,10 @@ class Runner:
 
   def result(self) -> dict:
     step_s = statistics.median(self.times)
+    tflop_per_s = self.flops / step_s / 1e12
+    mfu = {'mfu': round(tflop_per_s / _PEAK_TFLOPS.value, 4)} if _PEAK_TFLOPS.value else {}
     return {'step_ms': round(step_s * 1e3, 2), 'img_per_s': round(_BATCH.value / step_s, 3),
+            'step_gflop': round(self.flops / 1e9, 3), 'tflop_per_s': round(tflop_per_s, 2), **mfu,
             # CPU time of all threads and page faults: what other load on the machine distorts least.
             'cpu_ms': round(statistics.median(self.cpu_times) * 1e3, 2),
             'minor_faults': int(statistics.median(self.faults)),
@@ -132,6 +166,13 @@ class Runner:
 
 def peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_device_mb() -> dict:
+  """{'peak_device_mb': the device allocator's peak bytes in use} where the backend reports it (GPU, TPU)."""
+  import jax
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return {'peak_device_mb': round(stats['peak_bytes_in_use'] / 2**20, 1)} if 'peak_bytes_in_use' in stats else {}
 
 
 def minor_faults() -> int:
@@ -150,7 +191,8 @@ def main(argv):
   out = {'model': _MODEL.value, 'depth': _DEPTH.value or registry.model_config(_MODEL.value).depth,
          'size': _SIZE.value, 'batch': _BATCH.value,
          'mode': 'forward' if _FORWARD.value else 'train_step', 'dtype': _DTYPE.value,
-         'remat': _REMAT.value, **primary.result(), 'peak_rss_mb': round(peak_rss_mb(), 1),
+         'remat': _REMAT.value, 'gaug_impl': primary.gaug_impl, **primary.result(),
+         'peak_rss_mb': round(peak_rss_mb(), 1), **peak_device_mb(),
          'backend': jax.default_backend(), 'devices': jax.device_count(),
          'cpu_env': cpu_env.name()}
   if _PAIR.value:

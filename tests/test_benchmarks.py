@@ -21,13 +21,17 @@ def bench(*args, fast_cpu_env=False):
 
 
 def test_train_step_pair_reports_ratio_and_memory():
-  out = bench('--model=locatvit_ti16', '--pair')
+  out = bench('--model=locatvit_ti16', '--pair', '--peak_tflops=0.5')
   assert out['mode'] == 'train_step' and out['backend'] == 'cpu' and out['cpu_env'] == 'off'
-  assert out['depth'] == 2
+  assert out['depth'] == 2 and out['gaug_impl'] == 'fused'
   assert out['baseline']['model'] == 'locatvit_ti16:vit'
   for r in (out, out['baseline']):
     assert r['step_ms'] > 0 and r['xla_temp_mb'] > 0 and r['cpu_ms'] > 0 and r['minor_faults'] >= 0
     assert r['img_per_s'] == pytest.approx(2e3 / r['step_ms'], rel=1e-2)
+    assert r['tflop_per_s'] == pytest.approx(r['step_gflop'] / r['step_ms'], rel=0.05, abs=0.01)
+    assert r['mfu'] == pytest.approx(r['tflop_per_s'] / 0.5, rel=0.05, abs=0.01)
+  # GAug adds no matmul work beyond its two maps' small products; the step's count is 3 forwards.
+  assert 1 < out['step_gflop'] / out['baseline']['step_gflop'] < 1.02
   assert out['ratio'] == pytest.approx(out['step_ms'] / out['baseline']['step_ms'], rel=1e-2)
   assert out['peak_rss_mb'] > 100
 
@@ -35,6 +39,9 @@ def test_train_step_pair_reports_ratio_and_memory():
 def test_forward_with_blockwise_attention_in_the_fast_cpu_env():
   out = bench('--model=locatvit_ti16', '--forward', '--gaug_impl=blockwise', fast_cpu_env=True)
   assert out['mode'] == 'forward' and out['xla_temp_mb'] > 0 and 'ratio' not in out
+  assert out['gaug_impl'] == 'blockwise' and 'mfu' not in out and 'peak_device_mb' not in out
+  # the model's FLOPs, not blockwise's padded tiles: those of the fused forward
+  assert out['step_gflop'] == bench('--model=locatvit_ti16', '--forward')['step_gflop'] > 0
   assert out['cpu_env'] == 'mimalloc'
 
 
@@ -68,3 +75,54 @@ def test_train_step_at_an_image_size_above_the_evaluation_resize():
   # The recipe's evaluation resize (248) must not stop a 512 px benchmark of the train step.
   out = bench('--model=locatvit_ti16', '--size=256', '--depth=1', '--batch=1')
   assert out['size'] == 256 and out['step_ms'] > 0
+
+
+# -- flops.py: matmul FLOPs of a jaxpr against hand counts -------------------------------------------
+def test_matmul_flops_of_attention_forward_and_backward():
+  import jax
+  import jax.numpy as jnp
+  from benchmarks.flops import matmul_flops
+  from locatvit_jax.models import attention, locat
+
+  side, b, h, d = 8, 2, 3, 16
+  n = 1 + side * side
+  q = jnp.ones((b, h, n, d))
+  var, alpha = jnp.ones((b, h, side * side, 2)), jnp.ones((b, h, side * side))
+  geometry = locat.GAugGeometry((side, side))
+  forward = 2 * 2 * b * h * n * n * d  # q k^T and p v, 2 FLOPs per multiply-add
+  for impl, tokens in (('dense', n), ('fused', n), ('pallas_interpret', 80)):  # pallas: 16-row tiles, 65 -> 80
+    f = lambda *a: attention.gaug_attention(*a, grid=(side, side), geometry=geometry, num_prefix=1, impl=impl,
+                                            blocks=(16, 16))
+    assert matmul_flops(jax.jit(f).trace(q, q, q, var, alpha)) == forward * tokens ** 2 // n ** 2, impl
+  fused = lambda *a: attention.gaug_attention(*a, grid=(side, side), geometry=geometry, num_prefix=1, impl='fused')
+  fwd_bwd = lambda *a: jax.vjp(fused, *a)[1](q)
+  assert matmul_flops(jax.jit(fwd_bwd).trace(q, q, q, var, alpha)) == 3 * forward  # dq, dk, dv, dp: 4 more
+
+
+def test_matmul_flops_through_scan_cond_and_convolution():
+  import jax
+  import jax.numpy as jnp
+  from benchmarks.flops import matmul_flops
+
+  w = jnp.ones((4, 4))
+  chain = lambda a: jax.lax.scan(lambda c, _: (c @ w, None), a, None, length=7)[0]
+  assert matmul_flops(jax.jit(chain).trace(jnp.ones((3, 4)))) == 7 * 2 * 3 * 4 * 4
+  branches = lambda p, a: jax.lax.cond(p, lambda a: a @ w @ w, lambda a: a @ w, a)
+  assert matmul_flops(jax.jit(branches).trace(True, jnp.ones((3, 4)))) == 2 * 2 * 3 * 4 * 4  # the larger
+  # a 16x16 patch embedding of a 32x32 RGB image to width 8: 4 patches x 8 outputs x 768 inputs
+  conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (16, 16), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  assert matmul_flops(jax.jit(conv).trace(jnp.ones((1, 32, 32, 3)), jnp.ones((16, 16, 3, 8)))) == 2 * 4 * 8 * 768
+
+
+def test_attention_all_checks_against_dense_and_reports_failures_by_their_error():
+  done = subprocess.run([sys.executable, '-m', 'benchmarks.attention', '--all', '--no_cpu_env', '--check',
+                         '--impls=dense,fused,cudnn', '--token_list=17', '--batch=1', '--heads=2',
+                         '--iters=1', '--warmup=0', '--dtype=float32'],
+                        cwd=REPO, env=ONE_DEVICE, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  rows = {r['impl']: r for r in map(json.loads, done.stdout.split('\n\n')[0].splitlines())}
+  assert rows['dense']['dtype'] == 'float32' and rows['dense']['tokens'] == 17
+  # the reference is dense itself; fused differs from it by float32 rounding
+  assert rows['dense']['max_rel_err'] == 0 and 0 < rows['fused']['max_rel_err'] < 1e-5
+  # cuDNN's attention exists only on GPU: its row names the exception, not JAX's traceback note
+  assert rows['cudnn']['error'].startswith('exit 1: ') and 'cuDNN' in rows['cudnn']['error']
