@@ -23,7 +23,8 @@ to float32 rounding (tests/test_attention.py):
   memory is O(N) per head.
   An extra bias is sliced per tile (its gradient is accumulated per tile, so memory is O(N^2) then,
   as the bias is).
-* `pallas`: the same tiles as Pallas kernels, forward and backward (attention_pallas.py), for GPU.
+* `pallas`: the same tiles as Pallas kernels, forward and backward (attention_pallas.py), for GPU;
+  on a mesh XLA splits them over batch and heads.
   `pallas_interpret` runs those kernels in Pallas' interpreter (CPU, tests). They take no extra bias:
   both raise ValueError('... takes no extra logits bias ...'); use `fused` or `blockwise` there.
 """

@@ -8,6 +8,10 @@ other axis's blocks, so S never leaves the tile it is computed in.
 * backward, in Pallas as well, FlashAttention-2 style without atomics: one kernel per query block
   accumulates dq and the gradients of the per-query GAug coefficients over key blocks, one per key
   block accumulates dk and dv over query blocks. Both recompute their tiles from the log-sum-exp.
+Each kernel is a `custom_partitioning` op: on a mesh, XLA splits it over its operands' batch and
+head axes (as the data/fsdp and tensor axes shard them) and runs it per device on the local blocks;
+it never splits the token or feature axes, whose whole rows each tile reads. Without that rule a
+pallas_call is opaque to the partitioner, which would gather every input onto every device.
 On GPU, block sizes must be powers of two >= 16 (Triton's tiles and dots). There is no TPU (Mosaic)
 version: Mosaic wants the per-query vectors in (8, 128)-aligned 2-D blocks.
 """
@@ -15,11 +19,14 @@ version: Mosaic wants the per-query vectors in (8, 128)-aligned 2-D blocks.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.custom_partitioning import custom_partitioning
 from jax.experimental.pallas import triton as pltriton
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from locatvit_jax.models import attention
 
@@ -130,17 +137,47 @@ def _per_all_rows(n):
   return pl.BlockSpec((None, None, n), lambda b, h, i: (b, h, 0))
 
 
-# -- custom VJP ------------------------------------------------------------------------------------
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _flash(q, k, v, coef_row, coef_col, alpha, layout, blocks, interpret):
-  return _flash_fwd(q, k, v, coef_row, coef_col, alpha, layout, blocks, interpret)[0]
+# -- split over batch and heads on a mesh -----------------------------------------------------------
+def _batch_and_heads_spec(sharding, shape, mesh) -> tuple:
+  """The mesh axes of `sharding` on the first two axes (batch, heads), each kept only where it
+  divides that axis."""
+  spec = tuple(sharding.spec) + (None, None)
+  axis_size = lambda axes: math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+  return tuple(axes if axes is None or shape[i] % axis_size(axes) == 0 else None
+               for i, axes in enumerate(spec[:2]))
 
 
-def _flash_fwd(q, k, v, coef_row, coef_col, alpha, layout, blocks, interpret):
+def _split_over_batch_and_heads(kernel_call, rule: str):
+  """`kernel_call(layout, blocks, interpret, *arrays)` as an op that XLA partitions over the arrays'
+  first two axes (batch, heads) and nowhere else. `rule`: the operands' and results' axes in
+  custom_partitioning's einsum-like notation, b and h first; every other factor is replicated."""
+  factors = list(dict.fromkeys(rule.replace(',', ' ').replace('->', ' ').split()))
+  replicated = tuple(f for f in factors if f not in ('b', 'h'))
+
+  def shardings(mesh, arg_shapes, result_shape):
+    lead = _batch_and_heads_spec(arg_shapes[0].sharding, arg_shapes[0].shape, mesh)
+    shard = lambda x: NamedSharding(mesh, P(*lead, *(None,) * (len(x.shape) - 2)))
+    return jax.tree.map(shard, result_shape), tuple(map(shard, arg_shapes))
+
+  def partition(layout, blocks, interpret, mesh, arg_shapes, result_shape):
+    result_shardings, arg_shardings = shardings(mesh, arg_shapes, result_shape)
+    local = functools.partial(kernel_call, layout, blocks, interpret)
+    return mesh, local, result_shardings, arg_shardings
+
+  def infer(layout, blocks, interpret, mesh, arg_shapes, result_shape):
+    return shardings(mesh, arg_shapes, result_shape)[0]
+
+  op = custom_partitioning(kernel_call, static_argnums=(0, 1, 2))
+  op.def_partition(partition=partition, infer_sharding_from_operands=infer, sharding_rule=rule,
+                   need_replication_factors=replicated)
+  return op
+
+
+def _forward_call(layout, blocks, interpret, q, k, v, coef_row, coef_col, alpha):
   block_q, block_k = blocks
   b, h, n_q, d = q.shape
   n_k = k.shape[2]
-  o, lse = pl.pallas_call(
+  return pl.pallas_call(
       functools.partial(_forward_kernel, layout=layout, block_k=block_k),
       grid=(b, h, n_q // block_q),
       in_specs=[_rows(block_q, d), _all_rows(n_k, d), _all_rows(n_k, d)] + [_per_row(block_q)] * 3,
@@ -150,18 +187,14 @@ def _flash_fwd(q, k, v, coef_row, coef_col, alpha, layout, blocks, interpret):
       compiler_params=TRITON,
       name='gaug_flash_forward',
   )(q, k, v, coef_row, coef_col, alpha)
-  return o, (q, k, v, coef_row, coef_col, alpha, o, lse)
 
 
-def _flash_bwd(layout, blocks, interpret, res, do):
-  q, k, v, coef_row, coef_col, alpha, o, lse = res
+def _dq_call(layout, blocks, interpret, q, k, v, do, lse, delta, coef_row, coef_col, alpha):
   block_q, block_k = blocks
   b, h, n_q, d = q.shape
   n_k = k.shape[2]
-  delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
-  args = (q, k, v, do, lse, delta, coef_row, coef_col, alpha)
   per_query_shape = jax.ShapeDtypeStruct((b, h, n_q), jnp.float32)
-  dq, d_coef_row, d_coef_col, d_alpha = pl.pallas_call(
+  return pl.pallas_call(
       functools.partial(_dq_kernel, layout=layout, block_k=block_k),
       grid=(b, h, n_q // block_q),
       in_specs=[_rows(block_q, d), _all_rows(n_k, d), _all_rows(n_k, d), _rows(block_q, d)]
@@ -171,8 +204,14 @@ def _flash_bwd(layout, blocks, interpret, res, do):
       interpret=interpret,
       compiler_params=TRITON,
       name='gaug_flash_backward_dq',
-  )(*args)
-  dk, dv = pl.pallas_call(
+  )(q, k, v, do, lse, delta, coef_row, coef_col, alpha)
+
+
+def _dkv_call(layout, blocks, interpret, q, k, v, do, lse, delta, coef_row, coef_col, alpha):
+  block_q, block_k = blocks
+  b, h, n_q, d = q.shape
+  n_k = k.shape[2]
+  return pl.pallas_call(
       functools.partial(_dkv_kernel, layout=layout, block_q=block_q),
       grid=(b, h, n_k // block_k),
       in_specs=[_all_rows(n_q, d), _rows(block_k, d), _rows(block_k, d), _all_rows(n_q, d)]
@@ -182,7 +221,34 @@ def _flash_bwd(layout, blocks, interpret, res, do):
       interpret=interpret,
       compiler_params=TRITON,
       name='gaug_flash_backward_dkv',
-  )(*args)
+  )(q, k, v, do, lse, delta, coef_row, coef_col, alpha)
+
+
+# q: query tokens, k: key tokens, d: head features.
+_BACKWARD_OPERANDS = 'b h q d, b h k d, b h k d, b h q d, b h q, b h q, b h q, b h q, b h q'
+_forward = _split_over_batch_and_heads(
+    _forward_call, 'b h q d, b h k d, b h k d, b h q, b h q, b h q -> b h q d, b h q')
+_backward_dq = _split_over_batch_and_heads(_dq_call, f'{_BACKWARD_OPERANDS} -> b h q d, b h q, b h q, b h q')
+_backward_dkv = _split_over_batch_and_heads(_dkv_call, f'{_BACKWARD_OPERANDS} -> b h k d, b h k d')
+
+
+# -- custom VJP ------------------------------------------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _flash(q, k, v, coef_row, coef_col, alpha, layout, blocks, interpret):
+  return _flash_fwd(q, k, v, coef_row, coef_col, alpha, layout, blocks, interpret)[0]
+
+
+def _flash_fwd(q, k, v, coef_row, coef_col, alpha, layout, blocks, interpret):
+  o, lse = _forward(layout, blocks, interpret, q, k, v, coef_row, coef_col, alpha)
+  return o, (q, k, v, coef_row, coef_col, alpha, o, lse)
+
+
+def _flash_bwd(layout, blocks, interpret, res, do):
+  q, k, v, coef_row, coef_col, alpha, o, lse = res
+  delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
+  args = (q, k, v, do, lse, delta, coef_row, coef_col, alpha)
+  dq, d_coef_row, d_coef_col, d_alpha = _backward_dq(layout, blocks, interpret, *args)
+  dk, dv = _backward_dkv(layout, blocks, interpret, *args)
   return dq, dk, dv, d_coef_row, d_coef_col, d_alpha
 
 

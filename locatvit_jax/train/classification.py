@@ -74,7 +74,6 @@ def check_config(config, mesh) -> registry.ModelConfig:
   """Fails fast, before any data or device work, on values that cannot run."""
   model_cfg = model_config(config)  # the config class validates sizes, dtypes, implementations
   common.check_loop_config(config)
-  common.check_gaug_impl_on_mesh(model_cfg, mesh)
   dp = sharding.batch_parallelism(mesh)
   problems = []
   if config.grad_accum < 1:

@@ -44,14 +44,6 @@ def check_loop_config(config) -> None:
     raise ValueError('; '.join(problems))
 
 
-def check_gaug_impl_on_mesh(model_cfg, mesh) -> None:
-  """The Pallas GAug kernels run on one device: a pallas_call has no partitioning rule, so on a mesh
-  of several devices XLA would gather every attention's inputs instead of splitting the work."""
-  if getattr(model_cfg, 'gaug_impl', None) == 'pallas' and mesh.size > 1:
-    raise ValueError(f"model.gaug_impl='pallas' runs on one device; the mesh has {mesh.size} "
-                     f"({dict(mesh.shape)}): expected 'fused' or 'blockwise' on several devices")
-
-
 def load_model(path, setting: str = 'config.init=', prr_if_unstated: bool | None = None, **overrides):
   """`locatvit_jax.load(path, **overrides)`; a checkpoint that cannot be read is one ValueError that
   names the setting which pointed at it (`setting` prefixes the path).

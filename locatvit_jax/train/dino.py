@@ -51,7 +51,6 @@ def check_config(config, mesh) -> registry.ModelConfig:
                      'ViT family (vit_*, locatvit_*), as the authors did')
   model_cfg = backbone_config(config)
   common.check_loop_config(config)
-  common.check_gaug_impl_on_mesh(model_cfg, mesh)
   multicrop.check_crops_config(config.crops, model_cfg.patch_size)
   dp, d, o = sharding.batch_parallelism(mesh), config.dino, config.optim
   problems = []
