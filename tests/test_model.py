@@ -83,15 +83,27 @@ def random_var_alpha(grid, seed=0):
   return var, alpha
 
 
+def gaug_of_queries(gaug, q, grid, num_prefix=0):
+  """GAug's maps of given queries q (B, H, N, d): the queries as the input, an identity projection."""
+  b, h, n, d = q.shape
+  x = jnp.asarray(q).transpose(0, 2, 1, 3).reshape(b, n, h * d)
+  return gaug(x, jnp.eye(h * d), jnp.zeros(h * d), h, grid, num_prefix)
+
+
 @pytest.mark.parametrize('grid, num_prefix', [((14, 14), 0), ((10, 18), 1), ((20, 24), 5)])
 def test_gaug_module_matches_the_spec_formula(grid, num_prefix):
+  """From the attention's input x (B, N, C) and its query projection (C = 3 heads x 16): the spec's
+  maps of q = x W_q + b_q, q computed here in float64."""
   gaug = random_gaug(16, (14, 14))
-  q = np.random.default_rng(1).normal(0, 2, (2, 3, grid[0] * grid[1], 16)).astype(np.float32)
-  prefix = np.random.default_rng(2).normal(0, 2, (2, 3, num_prefix, 16)).astype(np.float32)
-  var, alpha = gaug(jnp.asarray(np.concatenate([prefix, q], axis=2)), grid, num_prefix)  # prefix rows dropped
+  rng = np.random.default_rng(1)
+  x = rng.normal(0, 1, (2, num_prefix + grid[0] * grid[1], 48)).astype(np.float32)
+  q_kernel = rng.normal(0, 0.3, (48, 48)).astype(np.float32)
+  q_bias = rng.normal(0, 0.5, (48,)).astype(np.float32)
+  var, alpha = gaug(jnp.asarray(x), q_kernel, q_bias, 3, grid, num_prefix)  # prefix rows dropped
+  q = (x.astype(np.float64) @ q_kernel + q_bias).reshape(2, -1, 3, 16).transpose(0, 2, 1, 3)[:, :, num_prefix:]
   weights = [np.asarray(p[...], np.float64) for p in (
       gaug.var_proj.kernel, gaug.var_proj.bias, gaug.alpha_proj.kernel, gaug.alpha_proj.bias)]
-  want_var, want_alpha = gaug_numpy(q.astype(np.float64), *weights, (14, 14), grid)
+  want_var, want_alpha = gaug_numpy(q, *weights, (14, 14), grid)
   np.testing.assert_allclose(var, want_var, rtol=2e-5)
   np.testing.assert_allclose(alpha, want_alpha, rtol=2e-5, atol=1e-6)
   assert var.dtype == alpha.dtype == jnp.float32
@@ -100,16 +112,16 @@ def test_gaug_module_matches_the_spec_formula(grid, num_prefix):
 def test_gaug_variance_follows_the_shorter_side_of_the_grid():
   gaug = random_gaug(16, (14, 14))
   q = np.random.default_rng(1).normal(0, 2, (1, 1, 12, 16)).astype(np.float32)  # same queries at every grid
-  built, _ = gaug(q, (14, 14))
-  np.testing.assert_allclose(gaug(q, (10, 18))[0], built * 10 / 14, rtol=1e-6)
-  np.testing.assert_allclose(gaug(q, (28, 21))[0], built * 21 / 14, rtol=1e-6)
+  built, _ = gaug_of_queries(gaug, q, (14, 14))
+  np.testing.assert_allclose(gaug_of_queries(gaug, q, (10, 18))[0], built * 10 / 14, rtol=1e-6)
+  np.testing.assert_allclose(gaug_of_queries(gaug, q, (28, 21))[0], built * 21 / 14, rtol=1e-6)
 
 
 @pytest.mark.parametrize('grid0', [(14, 14), (32, 32), (4, 6)])
 def test_variance_is_one_patch_when_the_linear_output_is_zero(grid0):
   gaug = locat.GAug(8, locat.GAugGeometry(grid0), rngs=nnx.Rngs(0))
   gaug.var_proj.kernel[...] = jnp.zeros_like(gaug.var_proj.kernel[...])
-  var, _ = gaug(jnp.ones((1, 1, 5, 8)), grid0)
+  var, _ = gaug_of_queries(gaug, jnp.ones((1, 1, 5, 8)), grid0)
   np.testing.assert_allclose(var, 1.0, rtol=1e-6)
 
 

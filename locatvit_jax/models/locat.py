@@ -77,19 +77,27 @@ class GAug(nnx.Module):
     self.var_proj = linear(2)
     self.alpha_proj = linear(1)
 
-  def __call__(self, q: jax.Array, grid: tuple[int, int], num_prefix: int = 0):
-    """q: (B, H, N, d) unscaled queries, the first num_prefix not patches -> var (B, H, hw, 2),
-    alpha (B, H, hw) of the patch queries.
+  def __call__(self, x: jax.Array, q_kernel: jax.Array, q_bias: jax.Array, num_heads: int,
+               grid: tuple[int, int], num_prefix: int = 0):
+    """var (B, H, hw, 2) and alpha (B, H, hw) of the patch queries q = x q_kernel + q_bias (unscaled,
+    before any rotation), from the attention's input x (B, N, C), the first num_prefix tokens not
+    patches, and the query part of its projection: q_kernel (C, H * d), q_bias (H * d,), heads in order.
 
-    Both maps run on every query as one 3-column matmul (the two layers' parameters side by side)
-    and the prefix rows of its small output are dropped: slicing the patch queries out first would
-    copy (B, H, hw, d), and its gradient would pad that back."""
-    g = self.geometry
-    kernel = jnp.concatenate([self.var_proj.kernel[...], self.alpha_proj.kernel[...]], axis=1)
+    The maps are folded into the query projection: x (W_q K) + (b_q K + b), one float32 matmul of
+    the input with C x 3H composed weights, instead of (x W_q) K over every head's queries. That
+    measured 2-3 % of LocAtViT-Ti's CPU train step at 224 and 512 px (benchmarks/README.md), and it
+    does not depend on the dtype the queries are computed in. Every token's row is computed and the
+    prefix rows of the small result dropped: slicing the patches out of x first would copy it."""
+    kernel = jnp.concatenate([self.var_proj.kernel[...], self.alpha_proj.kernel[...]], axis=1)  # (d, 3)
     bias = jnp.concatenate([self.var_proj.bias[...], self.alpha_proj.bias[...]])
+    b, n, c = x.shape
+    per_head = lambda w: w.astype(jnp.float32).reshape(*w.shape[:-1], num_heads, -1)  # (..., H, d)
+    folded_kernel = jnp.einsum('chd,dk->chk', per_head(q_kernel), kernel).reshape(c, 3 * num_heads)
+    folded_bias = (per_head(q_bias) @ kernel + bias).reshape(3 * num_heads)
     # Over rows, for the kernel gradient's sake (vit.Linear).
-    out = (q.astype(jnp.float32).reshape(-1, q.shape[-1]) @ kernel + bias).reshape(*q.shape[:-1], -1)
-    out = out[:, :, num_prefix:]
+    out = x.astype(jnp.float32).reshape(-1, c) @ folded_kernel + folded_bias
+    out = out.reshape(b, n, num_heads, 3)[:, num_prefix:].transpose(0, 2, 1, 3)
+    g = self.geometry
     var = g.var_max * jax.nn.sigmoid(out[..., :2] - g.var_shift) * g.var_scale(grid)
     return var, jax.nn.softplus(out[..., 2])
 

@@ -265,7 +265,11 @@ class WindowAttention(nnx.Module):
     if self.gaug is None:
       o = attention.plain_attention(q * d ** -0.5, k, v, bias)
     else:
-      var, alpha = self.gaug(q, self.window)  # GAug sees the unscaled queries
+      # GAug reads the unscaled queries from the input and the q projection, per window (B * nW, H, ...),
+      # laid out as q is.
+      var, alpha = self.gaug(windows.reshape(b * nw, n, c), self.qkv.kernel[...][:, :c], self.qkv.bias[...][:c],
+                             h, self.window)
+      var, alpha = var.reshape(q.shape[:2] + var.shape[2:]), alpha.reshape(q.shape[:2] + alpha.shape[2:])
       if self.collect_stats:
         self.sow(nnx.Intermediate, 'gaug_var', jnp.mean(var))
         self.sow(nnx.Intermediate, 'gaug_alpha', jnp.mean(alpha))

@@ -283,7 +283,8 @@ class Attention(nnx.Module):
     q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, N, d)
     var = alpha = None
     if self.gaug is not None:
-      var, alpha = self.gaug(q, grid, num_prefix)  # GAug sees the unscaled queries
+      # GAug reads the unscaled queries, before any rotation, from the input and the q projection.
+      var, alpha = self.gaug(x, self.qkv.kernel[...][:, :c], self.qkv.bias[...][:c], h, grid, num_prefix)
       if self.collect_stats:
         self.sow(nnx.Intermediate, 'gaug_var', jnp.mean(var))
         self.sow(nnx.Intermediate, 'gaug_alpha', jnp.mean(alpha))
