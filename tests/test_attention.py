@@ -171,7 +171,8 @@ def test_pallas_kernels_split_over_batch_and_heads_on_a_mesh(spec):
   from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
   grid, grid0, num_prefix = CASES[0]
   args, do, geometry = random_inputs(grid, grid0, num_prefix, batch=8, heads=4 if 'tensor' in spec else 3)
-  mesh = jax.make_mesh((4, 2), ('data', 'tensor'), axis_types=(AxisType.Auto,) * 2)
+  # The suite's 8 CPU devices, also where the default backend is a single GPU.
+  mesh = jax.make_mesh((4, 2), ('data', 'tensor'), axis_types=(AxisType.Auto,) * 2, devices=jax.devices('cpu'))
   put = lambda x: jax.device_put(x, NamedSharding(mesh, P(*spec)))
   f = lambda *a: attention.gaug_attention(*a, grid=grid, geometry=geometry, num_prefix=num_prefix,
                                           impl='pallas_interpret', blocks=(16, 16))
@@ -207,7 +208,7 @@ def test_model_with_pallas_on_a_mesh_matches_one_device():
 
   with FULL_FLOAT32:
     ref = jax.jit(functools.partial(grads, impl='fused'))(params, images)
-    mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
+    mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2), jax.devices('cpu'))
     sharded = jax.jit(functools.partial(grads, impl='pallas_interpret'),
                       in_shardings=(sharding.tree_shardings(params, mesh), sharding.batch_sharding(mesh)))
     got = sharded(params, images)
