@@ -151,6 +151,7 @@ def _split_over_batch_and_heads(kernel_call, rule: str):
   """`kernel_call(layout, blocks, interpret, *arrays)` as an op that XLA partitions over the arrays'
   first two axes (batch, heads) and nowhere else. `rule`: the operands' and results' axes in
   custom_partitioning's einsum-like notation, b and h first; every other factor is replicated."""
+  # In order of first appearance: Shardy numbers the factors so and wants these listed in that order.
   factors = list(dict.fromkeys(rule.replace(',', ' ').replace('->', ' ').split()))
   replicated = tuple(f for f in factors if f not in ('b', 'h'))
 
