@@ -155,7 +155,7 @@ class Runner:
     tflop_per_s = self.flops / step_s / 1e12
     mfu = {'mfu': round(tflop_per_s / _PEAK_TFLOPS.value, 4)} if _PEAK_TFLOPS.value else {}
     return {'step_ms': round(step_s * 1e3, 2), 'img_per_s': round(_BATCH.value / step_s, 3),
-            'step_gflop': round(self.flops / 1e9, 3), 'tflop_per_s': round(tflop_per_s, 2), **mfu,
+            'step_gflop': float(f'{self.flops / 1e9:.6g}'), 'tflop_per_s': round(tflop_per_s, 2), **mfu,
             # CPU time of all threads and page faults: what other load on the machine distorts least.
             'cpu_ms': round(statistics.median(self.cpu_times) * 1e3, 2),
             'minor_faults': int(statistics.median(self.faults)),

@@ -30,8 +30,9 @@ def test_train_step_pair_reports_ratio_and_memory():
     assert r['img_per_s'] == pytest.approx(2e3 / r['step_ms'], rel=1e-2)
     assert r['tflop_per_s'] == pytest.approx(r['step_gflop'] / r['step_ms'], rel=0.05, abs=0.01)
     assert r['mfu'] == pytest.approx(r['tflop_per_s'] / 0.5, rel=0.05, abs=0.01)
-  # GAug adds no matmul work beyond its two maps' small products; the step's count is 3 forwards.
-  assert 1 < out['step_gflop'] / out['baseline']['step_gflop'] < 1.02
+  # GAug's maps and PRR add little matmul work: 2.7 % of this 2-image, 5-token step (the maps' folded
+  # kernel is composed once per step), 1.5 % of LocAtViT-Ti's at 224 px batch 32.
+  assert 1 < out['step_gflop'] / out['baseline']['step_gflop'] < 1.05
   assert out['ratio'] == pytest.approx(out['step_ms'] / out['baseline']['step_ms'], rel=1e-2)
   assert out['peak_rss_mb'] > 100
 
