@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
 # The GPU measurements of benchmarks/README.md ("On a GPU"), on one CUDA device:
-#   bash benchmarks/gpu_checks.sh OUT_DIR [PART ...]   # parts: tests train_step attention (default: all three)
+#   bash benchmarks/gpu_checks.sh OUT_DIR [PART ...]   # parts: tests train_step attention profile
+#                                                       # (default: the first three)
 # tests:      the compiled Pallas kernels and the model under each GAug path, against dense and the
 #             authors' outputs (tests/test_attention.py; needs ../shared/parity beside the checkout).
 # train_step: LocAtViT-B/16 bf16: the step's MFU at 224 (vs its ViT), device memory and speed at 512 and
 #             1024 px for fused, blockwise and pallas.
 # attention:  one ViT-B attention layer (12 heads of 64), forward + backward, bf16, each GAug path and the
 #             cuDNN candidate, with max_rel_err against float32 dense.
+# profile:    jax.profiler traces of LocAtViT-B/16's bf16 step at 224 px batch 256 (pallas) and of its
+#             ViT, under OUT_DIR/profile/ (TensorBoard or Perfetto): where the MFU goes.
 # Each part writes logs and JSON lines under OUT_DIR as it goes, and OUT_DIR/summary.txt says how each
 # step ended; a failing step does not stop the next. BUDGET_S (default 3600) caps the whole run: each
 # step gets at most what is left. CONFIGS replaces train_step's list of configurations. PEAK_TFLOPS (default 989, the H100/H200 datasheet's dense bf16) is the
 # MFU's denominator.
 set -u
-out=${1:?usage: gpu_checks.sh OUT_DIR [tests|train_step|attention ...]}
+out=${1:?usage: gpu_checks.sh OUT_DIR [tests|train_step|attention|profile ...]}
 shift
 parts=${*:-tests train_step attention}
 for part in $parts; do
-  [[ $part =~ ^(tests|train_step|attention)$ ]] || { echo "unknown part $part; expected tests, train_step or attention" >&2; exit 2; }
+  [[ $part =~ ^(tests|train_step|attention|profile)$ ]] ||
+    { echo "unknown part $part; expected tests, train_step, attention or profile" >&2; exit 2; }
 done
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -74,6 +78,11 @@ print({"matmul_tflop_per_s": round(2 * 8192 ** 3 / statistics.median(times) / 1e
         --warmup=3 $extra
       tail -n 1 "$out/train_step_${size}_${batch}_$impl.log" >>"$out/train_step.jsonl"
     done
+    ;;
+  profile)
+    step profile 400 python3 -m benchmarks.train_step --no_cpu_env --model=locatvit_b16 --dtype=bfloat16 \
+      --size=224 --batch=256 --gaug_impl=pallas --pair --steps=5 --warmup=2 --peak_tflops="$peak" \
+      --profile_dir="$out/profile"
     ;;
   attention)
     step attention 600 python3 -m benchmarks.attention --all --no_cpu_env --dtype=bfloat16 --heads=12 --batch=8 \

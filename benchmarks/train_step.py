@@ -9,9 +9,10 @@ peak_rss_mb (process peak after the primary model ran, before any paired model i
 xla_temp_mb (XLA's temporary buffers of the compiled step), step_gflop (the matmul FLOPs of one
 step of the model's math, benchmarks/flops.py) and tflop_per_s, backend; on GPU/TPU peak_device_mb
 (the device allocator's peak bytes in use); with --peak_tflops also mfu = tflop_per_s / peak_tflops;
-with --pair also the family's baseline (the same model with GAug and PRR off: plain ViT, Swin, RoPE-Mixed
-ViT, Jumbo) timed the same way, interleaved step by step in the same process, and `ratio` = primary step
-time / baseline step time.
+with --profile_dir also profile_dir (the traces, see the flag); with --pair also the family's
+baseline (the same model with GAug and PRR off: plain ViT, Swin, RoPE-Mixed ViT, Jumbo) timed the
+same way, interleaved step by step in the same process, and `ratio` = primary step time / baseline
+step time.
 
 On CPU the benchmark re-executes itself once under the fast CPU environment that
 `locatvit_jax.main` uses (locatvit_jax/cpu_env.py: XLA flags, mimalloc or glibc tunables);
@@ -21,6 +22,7 @@ On CPU the benchmark re-executes itself once under the fast CPU environment that
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import time
@@ -42,8 +44,15 @@ _GAUG_IMPL = flags.DEFINE_string('gaug_impl', None, 'GAug implementation (defaul
 _REMAT = flags.DEFINE_enum('remat', 'none', ['none', 'full', 'dots'], 'Activation checkpointing policy.')
 _DEPTH = flags.DEFINE_integer('depth', None, "Blocks (default: the model's); fewer for a quick check.")
 _NO_CPU_ENV = flags.DEFINE_bool('no_cpu_env', False, 'Do not re-execute under the fast CPU environment.')
+_PROFILE_DIR = flags.DEFINE_string('profile_dir', None, 'After timing, trace PROFILE_STEPS steps of each model '
+                                   'with jax.profiler into DIR/<model>/plugins/profile/<run>/ (TensorBoard, '
+                                   'Perfetto).')
 _PEAK_TFLOPS = flags.DEFINE_float('peak_tflops', None, "The device's peak rate (e.g. 989 for an H100/H200's "
                                   'dense bf16): adds mfu.')
+
+
+# Steps in a --profile_dir trace: enough to see one step whole between its neighbours.
+PROFILE_STEPS = 3
 
 
 def bench_config(model: str, variant: str | None = None):
@@ -146,6 +155,13 @@ class Runner:
     self.cpu_times.append(time.process_time() - c0)
     self.faults.append(minor_faults() - f0)
 
+  def profile(self, log_dir: str) -> None:
+    """PROFILE_STEPS steps under jax.profiler, untimed."""
+    import jax
+    with jax.profiler.trace(log_dir):
+      for _ in range(PROFILE_STEPS):
+        self._run()
+
   def clear(self) -> None:
     for series in (self.times, self.cpu_times, self.faults):
       series.clear()
@@ -206,6 +222,10 @@ def main(argv):
     out.update({k: v for k, v in primary.result().items() if k != 'compile_s'})
     out['baseline'] = {'model': baseline_name, **baseline.result()}
     out['ratio'] = round(statistics.median(primary.times) / statistics.median(baseline.times), 4)
+  if _PROFILE_DIR.value:
+    for name, runner in [(_MODEL.value, primary)] + ([(baseline_name, baseline)] if _PAIR.value else []):
+      runner.profile(os.path.join(_PROFILE_DIR.value, name.replace(':', '_')))
+    out['profile_dir'] = _PROFILE_DIR.value
   print(json.dumps(out), flush=True)
 
 

@@ -37,6 +37,13 @@ def test_train_step_pair_reports_ratio_and_memory():
   assert out['peak_rss_mb'] > 100
 
 
+def test_profile_traces_each_model_of_the_pair(tmp_path):
+  out = bench('--model=locatvit_ti16', '--pair', f'--profile_dir={tmp_path}')
+  assert out['profile_dir'] == str(tmp_path)
+  for name in ('locatvit_ti16', 'locatvit_ti16_vit'):
+    assert len(list((tmp_path / name).glob('plugins/profile/*/*.xplane.pb'))) == 1, name
+
+
 def test_forward_with_blockwise_attention_in_the_fast_cpu_env():
   out = bench('--model=locatvit_ti16', '--forward', '--gaug_impl=blockwise', fast_cpu_env=True)
   assert out['mode'] == 'forward' and out['xla_temp_mb'] > 0 and 'ratio' not in out
