@@ -12,8 +12,8 @@
 #             ViT, under OUT_DIR/profile/ (TensorBoard or Perfetto): where the MFU goes.
 # Each part writes logs and JSON lines under OUT_DIR as it goes, and OUT_DIR/summary.txt says how each
 # step ended; a failing step does not stop the next. BUDGET_S (default 3600) caps the whole run: each
-# step gets at most what is left. CONFIGS replaces train_step's list of configurations. PEAK_TFLOPS (default 989, the H100/H200 datasheet's dense bf16) is the
-# MFU's denominator.
+# step gets at most what is left. CONFIGS replaces train_step's list of configurations. PEAK_TFLOPS
+# (default 989, the H100/H200 datasheet's dense bf16) is the MFU's denominator.
 set -u
 out=${1:?usage: gpu_checks.sh OUT_DIR [tests|train_step|attention|profile ...]}
 shift
