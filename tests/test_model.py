@@ -365,6 +365,21 @@ def test_prr_changes_logits_never_features(tiny):
   assert np.abs(logits - logits_no_prr).max() > 1e-3
 
 
+@pytest.mark.parametrize('num_queries', [None, 1, 3])
+def test_prr_matches_the_spec_formula_on_the_rows_asked_for(num_queries):
+  """PRR (spec section 3) against float64 NumPy: softmax(x x^T / sqrt(C/H)) x per head; with
+  num_queries, the first rows of that (what a class-token head reads), computed alone."""
+  b, n, c, h = 2, 10, 12, 3
+  x = np.random.default_rng(0).normal(size=(b, n, c))
+  xh = x.reshape(b, n, h, c // h)
+  logits = np.einsum('bqhd,bkhd->bhqk', xh, xh) / math.sqrt(c // h)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  expected = np.einsum('bhqk,bkhd->bqhd', p / p.sum(-1, keepdims=True), xh).reshape(b, n, c)[:, :num_queries]
+  out = locat.prr(jnp.asarray(x, jnp.float32), h, num_queries=num_queries)
+  assert out.shape == expected.shape
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_bfloat16_compute_stays_close_to_float32(tiny):
   bf16 = rebuild(tiny, dtype='bfloat16')
   bf16.eval()

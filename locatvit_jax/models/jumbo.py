@@ -223,7 +223,7 @@ class Jumbo(vit.ViT):
     if not self.cfg.prr:
       return cls
     tokens = jnp.concatenate([cls.reshape(b, j, c), self.norm_patches(x[:, j:])], axis=1)
-    return locat.prr(tokens, self.cfg.num_heads)[:, :j].reshape(b, j * c)
+    return locat.prr(tokens, self.cfg.num_heads, num_queries=j).reshape(b, j * c)
 
 
 # The registry's handles on this family (models/registry.py).

@@ -162,10 +162,15 @@ def dense_bias(var, alpha, grid, geometry, num_prefix: int):
   return jnp.pad(s, pad)
 
 
-def prr(x: jax.Array, num_heads: int) -> jax.Array:
-  """Patch representation refinement: softmax(x x^T / sqrt(C/H)) x per head, q = k = v = x."""
+def prr(x: jax.Array, num_heads: int, num_queries: int | None = None) -> jax.Array:
+  """Patch representation refinement: softmax(x x^T / sqrt(C/H)) x per head, q = k = v = x.
+
+  `num_queries`: refine only the first num_queries tokens, (B, num_queries, C). Each row of the
+  result depends on its own query alone, so a head that reads only the class tokens needs only
+  their rows: O(N) instead of O(N^2) work, the same values."""
   b, n, c = x.shape
   xh = x.reshape(b, n, num_heads, c // num_heads)
-  logits = jnp.einsum('bqhd,bkhd->bhqk', xh, xh).astype(jnp.float32)
+  qh = xh if num_queries is None else xh[:, :num_queries]
+  logits = jnp.einsum('bqhd,bkhd->bhqk', qh, xh).astype(jnp.float32)
   p = jax.nn.softmax(logits / math.sqrt(c // num_heads), axis=-1).astype(x.dtype)
-  return jnp.einsum('bhqk,bkhd->bqhd', p, xh).reshape(b, n, c)
+  return jnp.einsum('bhqk,bkhd->bqhd', p, xh).reshape(b, qh.shape[1], c)

@@ -249,7 +249,7 @@ class RoPEViT(vit.ViT):
     x, _, _ = self.encode(images)
     x = self.norm(x)
     if self.cfg.prr:
-      x = locat.prr(x, self.cfg.num_heads)
+      x = locat.prr(x, self.cfg.num_heads, num_queries=1)
     return x[:, 0]
 
 

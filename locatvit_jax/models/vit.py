@@ -422,7 +422,7 @@ class ViT(nnx.Module):
     if cfg.pool == 'token':
       x = self.norm(x)
       if cfg.prr:
-        x = locat.prr(x, cfg.num_heads)
+        x = locat.prr(x, cfg.num_heads, num_queries=1)
       x = x[:, 0]
     else:
       if cfg.prr:
