@@ -285,6 +285,29 @@ def test_plain_attention_with_bias(bias_shape):
   assert rel_err(dbias, np.sum(dz, axis=tuple(i for i in (0, 1) if bias_shape[i] == 1), keepdims=True)) < 1e-5
 
 
+@pytest.mark.parametrize('dtype, tol', [(jnp.float32, 2e-5), (jnp.bfloat16, 5e-2)])
+@pytest.mark.parametrize('bias_shape', [None] + list(BIAS_SHAPES))
+def test_plain_attention_matches_softmax_autodiff(bias_shape, dtype, tol, capsys):
+  """plain_attention (the fused core without S) against autodiff of the materialised softmax, in
+  values and every gradient; its backward keeps one (N, N) array where autodiff keeps two."""
+  (q, k, v, _, _), do, _ = random_inputs((3, 5), (3, 3), 1)
+  q, k, v, do = (jnp.asarray(x, dtype) for x in (q, k, v, do))
+  args = (q, k, v) if bias_shape is None else (q, k, v, random_bias(q.shape[2], bias_shape))
+  reference = lambda q, k, v, *bias: attention.attend(attention.probabilities(q, k, *bias), v)
+  with FULL_FLOAT32:
+    o_ref, vjp_ref = jax.vjp(reference, *args)
+    o, vjp = jax.vjp(attention.plain_attention, *args)
+  assert o.dtype == dtype and rel_err(o, o_ref) < tol / 2
+  for name, g, g_ref in zip('qkvb', vjp(do), vjp_ref(do)):
+    assert g.shape == g_ref.shape and g.dtype == g_ref.dtype, name
+    assert rel_err(g, g_ref) < tol, name
+  n = q.shape[2]
+  for f, expected in ((reference, 2), (attention.plain_attention, 1)):
+    print_saved_residuals(f, *args)
+    shapes = re.findall(r'^\w+\[([\d,]*)\]', capsys.readouterr().out, re.M)
+    assert sum(s.endswith(f'{n},{n}') for s in shapes) == expected, f
+
+
 @pytest.mark.parametrize('impl', ('fused', 'blockwise'))
 @pytest.mark.parametrize('bias_shape', BIAS_SHAPES)
 @pytest.mark.parametrize('grid, grid0, num_prefix', CASES)

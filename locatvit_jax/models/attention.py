@@ -16,7 +16,7 @@ to float32 rounding (tests/test_attention.py):
   maximum after the bias: a masked key's large logit must not set it, or every term would underflow.
   The backward keeps one (B, H, N, N) residual, the unnormalised exp. Exact while alpha_i < 87 (the
   row's largest term is at least exp(-alpha_i) and must not underflow); softplus keeps alpha far
-  below that.
+  below that. Without S it is also `plain_attention`, the core of every model without GAug.
 * `blockwise`: flash attention in pure JAX: query blocks in a loop, key blocks in an inner scan
   with an online softmax (same bound), each tile's S computed from the per-query coefficients and
   the tile's token indices. The backward recomputes the tiles from the output's log-sum-exp, so
@@ -63,10 +63,15 @@ def attend(p, v):
 
 
 def plain_attention(q, k, v, bias=None):
-  """softmax(q k^T + bias) v; `bias` as in the module docstring, or None."""
+  """softmax(q k^T + bias) v; `bias` as in the module docstring, or None.
+
+  The `fused` core without S: its VJP normalises (N, d) arrays instead of the (N, N) probabilities
+  and keeps one (N, N) residual, which autodiff of softmax does not (benchmarks/README.md)."""
+  bias_axes = None
   if bias is not None:
     bias = check_bias(bias, q)
-  return attend(probabilities(q, k, bias), v)
+    bias_axes = broadcast_axes(bias, q)
+  return _fused_attention(q, k, v, None, None, bias, None, None, 0, bias_axes)
 
 
 def check_bias(bias, q):
@@ -135,8 +140,12 @@ def _fused_exp(q, k, var, alpha, bias, grid, geometry, num_prefix):
   logits = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32)
   if bias is not None:
     logits = logits + bias
-  bound = jnp.max(logits, axis=-1) + jnp.pad(alpha, ((0, 0), (0, 0), (num_prefix, 0)))
-  e = jnp.exp(logits + locat.dense_bias(var, alpha, grid, geometry, num_prefix) - bound[..., None])
+  bound = jnp.max(logits, axis=-1)
+  if var is None:  # plain attention
+    e = jnp.exp(logits - bound[..., None])
+  else:
+    bound = bound + jnp.pad(alpha, ((0, 0), (0, 0), (num_prefix, 0)))
+    e = jnp.exp(logits + locat.dense_bias(var, alpha, grid, geometry, num_prefix) - bound[..., None])
   return e, jnp.sum(e, axis=-1)
 
 
@@ -165,7 +174,9 @@ def _fused_bwd(grid, geometry, num_prefix, bias_axes, res, do):
   dz = e * (dp_l - delta_l)  # d logits = d S = d bias
   dq = jnp.einsum('bhqk,bhkd->bhqd', dz.astype(k.dtype), k, preferred_element_type=jnp.float32)
   dk = jnp.einsum('bhqk,bhqd->bhkd', dz.astype(q.dtype), q, preferred_element_type=jnp.float32)
-  dvar, dalpha = locat.patch_bias_vjp(dz[:, :, num_prefix:, num_prefix:], var, alpha, grid, geometry)
+  dvar = dalpha = None
+  if var is not None:
+    dvar, dalpha = locat.patch_bias_vjp(dz[:, :, num_prefix:, num_prefix:], var, alpha, grid, geometry)
   dbias = None if bias_axes is None else jnp.sum(dz, axis=bias_axes, keepdims=True)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dvar, dalpha, dbias
 
