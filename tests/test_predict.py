@@ -59,13 +59,13 @@ def expected_lines(model, files, names, top):
   return lines
 
 
-def assert_printed(lines, want):
+def assert_printed(lines, want, tol=2e-4):
   """The same lines, probabilities equal to print rounding (eager and compiled float32 may differ in the last bit)."""
   assert len(lines) == len(want), (lines, want)
   for got, expected in zip(lines, want):
     if expected.startswith('  '):  # '  0.1234  name'
       assert got[10:] == expected[10:]
-      assert float(got.split()[0]) == pytest.approx(float(expected.split()[0]), abs=2e-4)
+      assert float(got.split()[0]) == pytest.approx(float(expected.split()[0]), abs=tol)
     else:
       assert got == expected
 
@@ -170,11 +170,14 @@ def test_cli_flags_state_what_the_checkpoint_cannot_tell(tmp_path, image_files, 
     assert predict.main([f'--init={init}', image]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f'error: {init}') and err.count('\n') == 1 and hint in err, err
-  for init, flags, load_args in ((bare, ['--prr=true'], dict(prr=True)),
-                                 (ckpt, ['--trust-pickle', '--ema'], dict(trust_pickle=True, ema=True))):
+  # The EMA weights are the weights + 1 (test_loading.training_checkpoint): logits near 33, where eager
+  # and compiled float32 differ by ~1e-4 relative (6e-4 in a probability on some CPUs); the regular
+  # weights' probabilities differ from the EMA ones' by ~0.1, so 2e-3 still tells them apart.
+  for init, flags, load_args, tol in ((bare, ['--prr=true'], dict(prr=True), 2e-4),
+                                      (ckpt, ['--trust-pickle', '--ema'], dict(trust_pickle=True, ema=True), 2e-3)):
     assert predict.main([f'--init={init}', *flags, image, '--top=2']) == 0
     want = expected_lines(locatvit_jax.load(init, **load_args), image_files[:1], None, 2)
-    assert_printed(capsys.readouterr().out.splitlines(), want)
+    assert_printed(capsys.readouterr().out.splitlines(), want, tol)
 
 
 def bad_inputs(tmp_path, export, image):
