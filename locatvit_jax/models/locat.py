@@ -127,11 +127,20 @@ def axis_gaussians(var: jax.Array, grid: tuple[int, int], geometry: GAugGeometry
 
 
 def patch_bias(var, alpha, grid, geometry):
-  """S over patch pairs only: (B, H, hw, hw), float32."""
-  g_row, g_col = axis_gaussians(var, grid, geometry)
-  b, nh, hw, _ = g_row.shape
-  s = alpha[..., None, None] * g_row[..., :, None] * g_col[..., None, :]
-  return s.reshape(b, nh, hw, hw)
+  """S over patch pairs only: (B, H, hw, hw), float32.
+
+  The row factor alpha_i g_row_i(r) is formed per query and grid row. The column factor is an
+  expression of its own, not `axis_gaussians`' array: that array is shared with the backward, so
+  XLA:CPU computes it once and, before the fused exp that consumes S, writes its broadcast over the
+  grid rows (a middle axis) out as a full (hw, hw) array. Written here, it is evaluated inside that
+  fusion: LocAtViT-Ti's train step 2.1 % faster at 512 px, 0.7 % at 224 (benchmarks/README.md)."""
+  h, w = grid
+  d_row, d_col = axis_distances(grid, geometry)
+  denom = var + geometry.eps  # (B, H, hw, 2)
+  row = alpha[..., None] * jnp.exp(-0.5 * d_row / denom[..., 0:1])  # (B, H, hw, h)
+  col = jnp.exp(-0.5 * d_col[:, None, :] / denom[..., 1:2, None])  # (B, H, hw, 1, w)
+  s = row[..., :, None] * col
+  return s.reshape(*var.shape[:3], h * w)
 
 
 def patch_bias_vjp(ds, var, alpha, grid, geometry):
