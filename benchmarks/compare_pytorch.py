@@ -139,7 +139,7 @@ def table(rows: list[dict], header: str) -> str:
     lines.append(f'| {size}, {batch} | {authors:.2f} | {timm_vit:.2f} | {ours:.2f} | {med("ours_vit"):.2f} '
                  f'| **{ours / authors:.2f}x** | {ours / timm_vit:.2f}x | {med("ours", "ratio"):.3f} |')
   lines += ['', 'img/s, medians over rounds of the median step; "our GAug+PRR cost" = our LocAtViT step / '
-            'our ViT step (interleaved in one process).']
+            'our ViT step (alternating blocks in one process: train_step.py --pair).']
   return '\n'.join(lines)
 
 

@@ -25,6 +25,7 @@ def test_train_step_pair_reports_ratio_and_memory():
   assert out['mode'] == 'train_step' and out['backend'] == 'cpu' and out['cpu_env'] == 'off'
   assert out['depth'] == 2 and out['gaug_impl'] == 'fused'
   assert out['baseline']['model'] == 'locatvit_ti16:vit'
+  assert out['timed_steps'] == out['baseline']['timed_steps'] == 2  # --steps each, the switch steps untimed
   for r in (out, out['baseline']):
     assert r['step_ms'] > 0 and r['xla_temp_mb'] > 0 and r['cpu_ms'] > 0 and r['minor_faults'] >= 0
     assert r['img_per_s'] == pytest.approx(2e3 / r['step_ms'], rel=1e-2)
