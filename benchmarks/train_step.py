@@ -10,9 +10,9 @@ is built), xla_temp_mb (XLA's temporary buffers of the compiled step), step_gflo
 of one step of the model's math, benchmarks/flops.py) and tflop_per_s, backend; on GPU/TPU
 peak_device_mb (the device allocator's peak bytes in use); with --peak_tflops also mfu =
 tflop_per_s / peak_tflops; with --profile_dir also profile_dir (the traces, see the flag); with
---pair also the family's baseline (the same model with GAug and PRR off: plain ViT, Swin, RoPE-Mixed ViT, Jumbo) timed the
-same way in the same process, in alternating blocks of PAIR_BLOCK timed steps after an untimed one,
-and `ratio` = primary step time / baseline step time.
+--pair also the family's baseline (the same model with GAug and PRR off: plain ViT, Swin,
+RoPE-Mixed ViT, Jumbo) timed the same way in the same process, in alternating blocks of PAIR_BLOCK
+timed steps after an untimed one, and `ratio` = primary step time / baseline step time.
 
 On CPU the benchmark re-executes itself once under the fast CPU environment that
 `locatvit_jax.main` uses (locatvit_jax/cpu_env.py: XLA flags, mimalloc or glibc tunables);
