@@ -175,7 +175,8 @@ class Runner:
     step_s = statistics.median(self.times)
     tflop_per_s = self.flops / step_s / 1e12
     mfu = {'mfu': round(tflop_per_s / _PEAK_TFLOPS.value, 4)} if _PEAK_TFLOPS.value else {}
-    return {'step_ms': round(step_s * 1e3, 2), 'timed_steps': len(self.times), 'img_per_s': round(_BATCH.value / step_s, 3),
+    return {'step_ms': round(step_s * 1e3, 2), 'timed_steps': len(self.times),
+            'img_per_s': round(_BATCH.value / step_s, 3),
             'step_gflop': float(f'{self.flops / 1e9:.6g}'), 'tflop_per_s': round(tflop_per_s, 2), **mfu,
             # CPU time of all threads and page faults: what other load on the machine distorts least.
             'cpu_ms': round(statistics.median(self.cpu_times) * 1e3, 2),

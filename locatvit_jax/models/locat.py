@@ -123,7 +123,12 @@ def axis_gaussians(var: jax.Array, grid: tuple[int, int], geometry: GAugGeometry
   """
   d_row, d_col = axis_distances(grid, geometry)
   denom = var + geometry.eps  # (B, H, hw, 2)
-  return jnp.exp(-0.5 * d_row / denom[..., 0:1]), jnp.exp(-0.5 * d_col / denom[..., 1:2])
+  return _gaussian(d_row, denom[..., 0:1]), _gaussian(d_col, denom[..., 1:2])
+
+
+def _gaussian(sq_dist, denom):
+  """The kernel exp(-d / (2 (var + eps))) of squared distances d, denom = var + eps."""
+  return jnp.exp(-0.5 * sq_dist / denom)
 
 
 def patch_bias(var, alpha, grid, geometry):
@@ -135,11 +140,11 @@ def patch_bias(var, alpha, grid, geometry):
   grid rows (a middle axis) out as a full (hw, hw) array. Written here, it is evaluated inside that
   fusion: LocAtViT-Ti's train step 2.1 % faster at 512 px, 0.7 % at 224 (benchmarks/README.md)."""
   h, w = grid
-  d_row, d_col = axis_distances(grid, geometry)
-  denom = var + geometry.eps  # (B, H, hw, 2)
-  row = alpha[..., None] * jnp.exp(-0.5 * d_row / denom[..., 0:1])  # (B, H, hw, h)
-  col = jnp.exp(-0.5 * d_col[:, None, :] / denom[..., 1:2, None])  # (B, H, hw, 1, w)
-  s = row[..., :, None] * col
+  g_row, _ = axis_gaussians(var, grid, geometry)
+  _, d_col = axis_distances(grid, geometry)
+  denom = var + geometry.eps
+  col = _gaussian(d_col[:, None, :], denom[..., 1:2, None])  # (B, H, hw, 1, w)
+  s = (alpha[..., None] * g_row)[..., :, None] * col
   return s.reshape(*var.shape[:3], h * w)
 
 
